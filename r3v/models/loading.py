@@ -1,0 +1,132 @@
+"""Load a VLM and its processor from a hub id, a local folder, or a built-in tiny model name.
+
+``AutoProcessor`` is tried first. Without torchvision, transformers 5.x cannot build the stock
+Qwen2-VL / Qwen2.5-VL processors (their video processor needs it), so the loader falls back to
+the same processor class with the PIL image processor and no video part.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers.processing_utils import ProcessorMixin
+from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
+
+from r3v.models.tiny import TINY_MODELS, tiny_model_path
+
+log = logging.getLogger(__name__)
+
+
+class Qwen2VLProcessorNoVideo(Qwen2VLProcessor):
+    """Qwen2-VL's processor without a video processor, for machines without torchvision.
+
+    ProcessorMixin derives a processor's parts from its ``__init__`` signature, so leaving
+    ``video_processor`` out of the signature is what removes the video part.
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        self.image_token = getattr(tokenizer, "image_token", "<|image_pad|>")
+        self.video_token = getattr(tokenizer, "video_token", "<|video_pad|>")
+        self.image_token_id = getattr(tokenizer, "image_token_id", None) or tokenizer.convert_tokens_to_ids(
+            self.image_token
+        )
+        self.video_token_id = getattr(tokenizer, "video_token_id", None) or tokenizer.convert_tokens_to_ids(
+            self.video_token
+        )
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    processor: Any
+    model_id: str
+    path: str
+    adapter: str | None
+    device: str
+    dtype: Any
+
+
+def resolve_model(name_or_path: str) -> str:
+    """A local folder for built-in names; anything else is passed through (hub id or path)."""
+    if name_or_path in TINY_MODELS:
+        return str(tiny_model_path(name_or_path))
+    if name_or_path == "r3v-clevr-base":
+        from r3v.models.base_model import base_model_path
+
+        return str(base_model_path())
+    return name_or_path
+
+
+def pick_device_and_dtype(device: str | None = None, dtype: str | None = None):
+    import torch
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype is None or dtype == "auto":
+        torch_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    else:
+        torch_dtype = getattr(torch, dtype)
+    return device, torch_dtype
+
+
+def load_processor(path: str, trust_remote_code: bool = False):
+    try:
+        return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (ValueError, OSError, AttributeError, ImportError, TypeError) as exc:
+        processor = _load_processor_without_video(path, trust_remote_code)
+        if processor is None:
+            raise
+        log.info("AutoProcessor failed for %s (%s); using the processor without a video part", path, exc)
+        return processor
+
+
+def _load_processor_without_video(path: str, trust_remote_code: bool):
+    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if config.model_type not in {"qwen2_vl", "qwen2_5_vl"}:
+        return None
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    image_processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    template = getattr(tokenizer, "chat_template", None)
+    processor = Qwen2VLProcessorNoVideo(image_processor=image_processor, tokenizer=tokenizer, chat_template=template)
+    if processor.chat_template is None:
+        template_file = Path(path) / "chat_template.jinja"
+        if template_file.exists():
+            processor.chat_template = template_file.read_text()
+    return processor
+
+
+def load_model(
+    name_or_path: str,
+    adapter: str | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    trust_remote_code: bool = False,
+    merge_adapter: bool = False,
+) -> LoadedModel:
+    """Load model and processor; apply a PEFT adapter when given. Weights load from safetensors only."""
+    path = resolve_model(name_or_path)
+    device, torch_dtype = pick_device_and_dtype(device, dtype)
+    processor = load_processor(path, trust_remote_code)
+    model = AutoModelForImageTextToText.from_pretrained(
+        path, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+    )
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+        if merge_adapter:
+            model = model.merge_and_unload()
+    model.to(device)
+    model.eval()
+    tokenizer = getattr(processor, "tokenizer", processor)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model, processor, name_or_path, path, adapter, device, torch_dtype)

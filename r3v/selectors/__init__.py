@@ -1,0 +1,1 @@
+"""Test-time selectors. Each module registers one selector on import."""
