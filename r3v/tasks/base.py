@@ -69,3 +69,29 @@ def resolve_data_file(data_dir: str | Path | None, *names: str, task: str) -> Pa
         if (root / name).exists():
             return root / name
     raise DataError(f"task {task!r}: none of {', '.join(names)} found under {root}", path=root)
+
+
+def safe_path(root: str | Path, relative: str, allow_outside: bool = False, record: str | None = None) -> Path:
+    """``root / relative``, refusing paths that escape ``root`` (``../``, absolute) unless allowed."""
+    from r3v.errors import DataError
+
+    root = Path(root)
+    candidate = (root / relative.replace("\\", "/")).resolve()
+    if not allow_outside and not candidate.is_relative_to(root.resolve()):
+        raise DataError(
+            f"image path {relative!r} escapes the data root {root}; pass --allow-outside-paths to permit it",
+            path=root,
+            record=record,
+        )
+    return candidate
+
+
+def load_hub_split(dataset: str, split: str, **kwargs: Any):
+    """``datasets.load_dataset`` for one split. ``dataset`` is a hub id or a local folder/file path."""
+    import datasets
+
+    local = Path(dataset)
+    if local.is_file():
+        builder = {"parquet": "parquet", "json": "json", "jsonl": "json"}[local.suffix.lstrip(".")]
+        return datasets.load_dataset(builder, data_files={split: str(local)}, split=split, **kwargs)
+    return datasets.load_dataset(dataset, split=split, **kwargs)
