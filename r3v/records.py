@@ -121,3 +121,33 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 def _as_dict(record: Any) -> dict[str, Any]:
     return record.to_dict() if hasattr(record, "to_dict") else dict(record)
+
+
+#: Which loss each item kind trains: R3V logs and weights these three objectives separately.
+OBJECTIVE_OF_KIND = {"qa": "sft", "distill": "sft", "cot": "sft", "refine": "refine", "select": "select"}
+
+
+@dataclass
+class TrainItem:
+    """One supervised item: a user prompt (with the example's images) and the assistant target.
+
+    ``kind`` is qa | distill | cot | refine | select. ``images`` overrides the example's images
+    (e.g. for warm-up files that name their own image files).
+    """
+
+    kind: str
+    example_id: str
+    prompt: str
+    target: str
+    images: list[str] | None = None
+
+    @property
+    def objective(self) -> str:
+        return OBJECTIVE_OF_KIND[self.kind]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainItem:
+        return cls(**_known_fields(cls, data))
