@@ -1,0 +1,73 @@
+"""Tiny offline models: built with real HF classes, saved, and reloaded through the hub loader."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, LlavaForConditionalGeneration, Qwen2VLForConditionalGeneration
+
+from r3v.backends.base import Request, Sampling
+from r3v.backends.hf import HFBackend
+from r3v.models.loading import load_model
+from r3v.models.tiny import build_tiny_model
+
+
+@pytest.mark.parametrize(
+    ("name", "cls"), [("tiny-qwen2-vl", Qwen2VLForConditionalGeneration), ("tiny-llava", LlavaForConditionalGeneration)]
+)
+def test_tiny_models_load_through_the_path_loader(name, cls, request):
+    path = request.getfixturevalue("tiny_qwen" if "qwen" in name else "tiny_llava")
+    loaded = load_model(path)
+    assert isinstance(loaded.model, cls)
+    assert loaded.device == "cpu" and loaded.dtype == torch.float32
+    # The chat template is the processor's own, and the image placeholder expands to image tokens.
+    text = loaded.processor.apply_chat_template(
+        Request.user("How many?", [object()]).messages, add_generation_prompt=True, tokenize=False
+    )
+    assert text.endswith("<|im_start|>assistant\n")
+    assert json.loads((Path(path) / "r3v_tiny.json").read_text())["name"] == name
+
+
+def test_build_is_deterministic_for_a_seed(tmp_path):
+    first = build_tiny_model("tiny-qwen2-vl", tmp_path / "a", seed=3)
+    second = build_tiny_model("tiny-qwen2-vl", tmp_path / "b", seed=3)
+    other = build_tiny_model("tiny-qwen2-vl", tmp_path / "c", seed=4)
+    weights = [AutoModelForImageTextToText.from_pretrained(p).state_dict() for p in (first, second, other)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert any(not torch.equal(weights[0][k], weights[2][k]) for k in weights[0])
+    assert (first / "tokenizer.json").read_text() == (second / "tokenizer.json").read_text()
+
+
+def test_save_and_load_round_trip_keeps_logits(tmp_path, tiny_qwen, clevr_task):
+    loaded = load_model(tiny_qwen)
+    loaded.model.save_pretrained(tmp_path / "copy")
+    loaded.processor.save_pretrained(tmp_path / "copy")
+    again = load_model(str(tmp_path / "copy"))
+    example = clevr_task.load("test", limit=1)[0]
+    text = loaded.processor.apply_chat_template(
+        Request.user(clevr_task.cot_prompt(example), example.load_images()).messages,
+        add_generation_prompt=True, tokenize=False,
+    )
+    inputs = loaded.processor(text=[text], images=example.load_images(), return_tensors="pt")
+    with torch.no_grad():
+        assert torch.allclose(loaded.model(**inputs).logits, again.model(**inputs).logits, atol=1e-6)
+
+
+def test_adapter_loading_changes_outputs_and_applies_to_the_language_model(tmp_path, tiny_qwen, clevr_task):
+    from peft import LoraConfig, get_peft_model
+
+    base = load_model(tiny_qwen).model
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|v_proj)", init_lora_weights=False)
+    peft_model = get_peft_model(base, config)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+
+    plain = HFBackend(model=tiny_qwen)
+    adapted = HFBackend(model=tiny_qwen, adapter=str(tmp_path / "adapter"))
+    example = clevr_task.load("test", limit=1)[0]
+    request = Request.user(clevr_task.cot_prompt(example), example.load_images())
+    greedy = Sampling.greedy_decoding(max_new_tokens=12)
+    assert plain.generate([request], greedy)[0][0].text != adapted.generate([request], greedy)[0][0].text
+    names = [n for n, _ in adapted.loaded.model.named_parameters() if "lora_" in n]
+    assert names and all("language_model" in n for n in names)
