@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, LlavaForConditionalGeneration, Qwen2VLForConditionalGeneration
 
-from r3v.backends.base import Request, Sampling
+from r3v.backends.base import Request
 from r3v.backends.hf import HFBackend
 from r3v.models.loading import load_model
 from r3v.models.tiny import build_tiny_model
@@ -66,8 +66,28 @@ def test_adapter_loading_changes_outputs_and_applies_to_the_language_model(tmp_p
     plain = HFBackend(model=tiny_qwen)
     adapted = HFBackend(model=tiny_qwen, adapter=str(tmp_path / "adapter"))
     example = clevr_task.load("test", limit=1)[0]
-    request = Request.user(clevr_task.cot_prompt(example), example.load_images())
-    greedy = Sampling.greedy_decoding(max_new_tokens=12)
-    assert plain.generate([request], greedy)[0][0].text != adapted.generate([request], greedy)[0][0].text
+    text = plain.prompt_text(Request.user(clevr_task.cot_prompt(example), example.load_images()))
+    inputs = plain.processor(text=[text], images=example.load_images(), return_tensors="pt")
+    with torch.no_grad():
+        delta = (plain.loaded.model(**inputs).logits - adapted.loaded.model(**inputs).logits).abs().max()
+    assert delta > 1e-3
     names = [n for n, _ in adapted.loaded.model.named_parameters() if "lora_" in n]
     assert names and all("language_model" in n for n in names)
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen2-vl", "tiny-llava"])
+def test_processor_is_multimodal_and_expands_image_tokens(name, r3v_cache, clevr_task):
+    """AutoProcessor can silently fall back to a bare tokenizer; the loader must not accept that."""
+    from r3v.models.batching import encode
+
+    loaded = load_model(name)
+    example = clevr_task.load("test", limit=1)[0]
+    text = loaded.processor.apply_chat_template(
+        Request.user("How many?", [object()]).messages, add_generation_prompt=True, tokenize=False
+    )
+    encoded = encode(loaded.processor, text, example.load_images())
+    image_token = loaded.model.config.image_token_id
+    assert int((encoded["input_ids"] == image_token).sum()) == 16
+    assert "pixel_values" in encoded
+    if name == "tiny-qwen2-vl":
+        assert {"image_grid_thw", "mm_token_type_ids"} <= encoded.keys()

@@ -75,14 +75,20 @@ def pick_device_and_dtype(device: str | None = None, dtype: str | None = None):
 
 
 def load_processor(path: str, trust_remote_code: bool = False):
+    """The model's multimodal processor. AutoProcessor can quietly return a bare tokenizer when it
+    cannot build the processor class (no torchvision); that is treated as a failure too."""
     try:
-        return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if isinstance(processor, ProcessorMixin) and getattr(processor, "image_processor", None) is not None:
+            return processor
+        problem: Exception = TypeError(f"AutoProcessor returned {type(processor).__name__}")
     except (ValueError, OSError, AttributeError, ImportError, TypeError) as exc:
-        processor = _load_processor_without_video(path, trust_remote_code)
-        if processor is None:
-            raise
-        log.info("AutoProcessor failed for %s (%s); using the processor without a video part", path, exc)
-        return processor
+        problem = exc
+    processor = _load_processor_without_video(path, trust_remote_code)
+    if processor is None:
+        raise ValueError(f"cannot load a multimodal processor for {path}: {problem}") from problem
+    log.info("AutoProcessor failed for %s (%s); using the processor without a video part", path, problem)
+    return processor
 
 
 def _load_processor_without_video(path: str, trust_remote_code: bool):

@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+import json
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from r3v.cli.common import console, friendly_errors, make_task
+
+
+@click.command()
+@click.option("--task", "task_name", required=True, help="Registered task whose rules score the file (see r3v list).")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help='Print {"task", "n", "accuracy", "breakdown"} as JSON on stdout.')
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None,
+              help="Write one verdict per input line (JSONL, input order).")
+@click.option("--skip-bad", is_flag=True, help="Skip bad lines (counted and listed) instead of stopping.")
+@click.option("--task-arg", "task_args", multiple=True, metavar="KEY=VALUE",
+              help="Option for the task, repeatable; e.g. judge=r3v for geoqa.")
+@friendly_errors
+def score(task_name: str, file: str, as_json: bool, out_path: str | None, skip_bad: bool, task_args: tuple[str, ...]) -> None:
+    """Score the model outputs in FILE (JSON lines) with a task's official rules.
+
+    Each line is one record in the benchmark's own field names plus "prediction", the raw model
+    output. Accuracy is printed overall and broken down the way the benchmark reports it.
+    """
+    from r3v.io import atomic_write_text
+    from r3v.scoring import score_file
+
+    kwargs = {}
+    for item in task_args:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--task-arg")
+        kwargs[key] = value
+    try:
+        task = make_task(task_name, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise click.BadParameter(f"task {task_name!r} does not accept {kwargs}: {exc}", param_hint="--task-arg") from exc
+    report = score_file(task, file, skip_bad=skip_bad, task_name=task_name)
+
+    if out_path:
+        atomic_write_text(out_path, "".join(json.dumps(v.to_dict(), ensure_ascii=False) + "\n" for v in report.verdicts))
+    if report.skipped:
+        console.print(f"[yellow]skipped {len(report.skipped)} bad line(s):[/yellow]")
+        for message in report.skipped:
+            console.print(f"  {message}", markup=False, highlight=False)
+    if as_json:
+        click.echo(json.dumps(report.summary(), ensure_ascii=False))
+        return
+    Console().print(_table(report))
+
+
+def _table(report) -> Table:
+    table = Table(title=f"{report.task}: {report.correct}/{report.n} correct")
+    table.add_column("group")
+    table.add_column("value")
+    table.add_column("n", justify="right")
+    table.add_column("accuracy", justify="right")
+    table.add_row("all", "", str(report.n), f"{100 * report.accuracy:.2f}%")
+    for key, groups in report.breakdown.items():
+        for value, cell in groups.items():
+            table.add_row(key, value, str(cell["n"]), f"{100 * cell['accuracy']:.2f}%")
+    return table

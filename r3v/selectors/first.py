@@ -1,0 +1,22 @@
+"""``first``: Test@1, the answer of the first sampled candidate."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from r3v.records import Example, Sample
+from r3v.registry import selectors
+from r3v.selectors.base import Choice
+
+
+@selectors.register("first")
+class FirstSelector:
+    """Test@1: keep the first candidate's answer (no model call)."""
+
+    name = "first"
+
+    def select(self, task: Any, example: Example, candidates: list[Sample], backend: Any | None = None) -> Choice:
+        if not candidates:
+            return Choice(answer=None, correct=False)
+        head = candidates[0]
+        return Choice(answer=head.answer, correct=head.correct)

@@ -1,0 +1,114 @@
+"""``self-select``: the model reads its own candidates and names the answer (R3V test-time selection).
+
+For each question the candidates are shuffled with a seed derived from (seed, example id), so the
+order is the same on every run but the model cannot learn "the first one is right". They go into
+the select prompt, and one greedy request per question asks the model for the final answer, which
+the task extracts and scores like any other answer.
+
+Two shortcuts, both counted:
+
+- ``skipped``: every candidate has an answer and they all normalise to the same string, so there
+  is nothing to choose and the model is not called (``skip_when_agree``, on by default).
+- ``fallback``: the model's output has no parseable answer, so the majority vote decides.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Sequence
+from typing import Any
+
+from r3v.backends.base import Request, Sampling
+from r3v.prompts import select_prompt
+from r3v.records import Example, Sample
+from r3v.registry import selectors
+from r3v.selectors.base import Choice
+from r3v.selectors.majority import majority_vote
+
+
+def shuffle_seed(seed: int, example_id: str) -> int:
+    """A per-question seed that does not depend on Python's salted ``hash``."""
+    digest = hashlib.sha256(f"{seed}:{example_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+@selectors.register("self-select")
+class SelfSelectSelector:
+    """R3V self-select: the model picks among shuffled candidates (one greedy call; skips when all agree)."""
+
+    name = "self-select"
+
+    def __init__(self, seed: int = 0, skip_when_agree: bool = True, max_new_tokens: int = 512) -> None:
+        self.seed = seed
+        self.skip_when_agree = skip_when_agree
+        self.max_new_tokens = max_new_tokens
+        #: How each selection was made since this selector was built: model, skipped, fallback.
+        self.counts = {"model": 0, "skipped": 0, "fallback": 0}
+
+    def shuffled(self, example: Example, candidates: Sequence[Sample]) -> list[Sample]:
+        order = list(candidates)
+        random.Random(shuffle_seed(self.seed, example.id)).shuffle(order)
+        return order
+
+    def prompt(self, task: Any, example: Example, candidates: Sequence[Sample]) -> str:
+        return select_prompt(task, example, [c.text for c in self.shuffled(example, candidates)])
+
+    def select(self, task: Any, example: Example, candidates: list[Sample], backend: Any | None = None) -> Choice:
+        return self.select_many(task, [example], {example.id: candidates}, backend)[0]
+
+    def select_many(
+        self,
+        task: Any,
+        examples: Sequence[Example],
+        candidates_by_id: dict[str, list[Sample]],
+        backend: Any | None = None,
+    ) -> list[Choice]:
+        """Select for many questions with a single ``backend.generate`` call for all that need the model."""
+        choices: list[Choice | None] = []
+        pending: list[int] = []  # positions in ``examples`` that need the model
+        for position, example in enumerate(examples):
+            candidates = candidates_by_id.get(example.id) or []
+            if not candidates:
+                raise ValueError(f"self-select: no candidates for example {example.id!r}")
+            if self.skip_when_agree and _all_agree(task, example, candidates):
+                choices.append(Choice(candidates[0].answer, candidates[0].correct, how="skipped"))
+            else:
+                choices.append(None)
+                pending.append(position)
+
+        if pending:
+            if backend is None:
+                raise ValueError("self-select needs a backend: the candidates disagree, so the model must choose")
+            requests = [
+                Request.user(
+                    self.prompt(task, examples[i], candidates_by_id[examples[i].id]), examples[i].load_images()
+                )
+                for i in pending
+            ]
+            sampling = Sampling.greedy_decoding(max_new_tokens=self.max_new_tokens, seed=self.seed)
+            outputs = backend.generate(requests, sampling)
+            for i, completions in zip(pending, outputs, strict=True):
+                example = examples[i]
+                choices[i] = self.judge(task, example, candidates_by_id[example.id], completions[0].text)
+
+        for choice in choices:
+            self.counts[choice.how] += 1
+        return choices  # type: ignore[return-value]  # every slot is filled above
+
+    def judge(self, task: Any, example: Example, candidates: list[Sample], output: str) -> Choice:
+        """Turn the model's select output into a Choice: its extracted answer, else the majority vote."""
+        answer = task.extract(output, example)
+        if answer is not None:
+            return Choice(answer, bool(task.is_correct(answer, example)), how="model", raw_output=output)
+        winner = majority_vote(task, example, candidates)
+        if winner is None:
+            return Choice(None, False, how="fallback", raw_output=output)
+        return Choice(winner.answer, winner.correct, how="fallback", raw_output=output)
+
+
+def _all_agree(task: Any, example: Example, candidates: Sequence[Sample]) -> bool:
+    """True when every candidate has an answer and all normalise to one string."""
+    if any(c.answer is None for c in candidates):
+        return False
+    return len({task.normalize(c.answer, example) for c in candidates}) == 1

@@ -1,0 +1,350 @@
+"""``chartqa``: ChartQA (Masry et al., ACL Findings 2022), scored as R3V does, or by relaxed accuracy.
+
+Data: the official ``ChartQA Dataset`` folder (``<split>/<split>_human.json``,
+``<split>/<split>_augmented.json``, charts in ``<split>/png/``), or a Hugging Face dataset:
+``HuggingFaceM4/ChartQA`` (``query``, ``label`` list, ``human_or_machine``) or ``lmms-lab/ChartQA``
+(``type``, ``question``, ``answer``). R3V evaluates on the human-written test questions only, so
+``subset="human"`` is the default; ``"augmented"`` and ``"both"`` are there for the usual
+two-part report (``metadata["source"]`` says which part a question is from).
+
+Extraction (R3V): the text after the first "Answer:", stripped; the whole output when there is none.
+
+Scoring, default (R3V ``is_ans_correct``): correct when both sides parse as floats and differ by at
+most 5% of the gold value, otherwise when they are equal ignoring case and surrounding spaces.
+With ``relaxed=True`` (pix2struct's ``relaxed_correctness``, used by lmms-eval): a trailing "%" is
+read as a percentage, the 5% rule applies only to a non-zero gold value, and strings compare
+ignoring case but not surrounding spaces. Where the gold is a list (HuggingFaceM4), any entry counts.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from r3v.errors import DataError
+from r3v.records import Example
+from r3v.registry import tasks
+from r3v.tasks.base import resolve_data_file, safe_path
+
+DEFAULT_HUB = "HuggingFaceM4/ChartQA"
+SUBSETS = ("human", "augmented")
+INSTRUCTION = "a numerical value, Yes/No, or a word or phrase."
+COT = f"First generate a step-by-step solution, then answer the question with {INSTRUCTION}"
+QA = f"Answer the question with {INSTRUCTION}"
+SELECT = f"Which prediction is correct? Give the final answer with {INSTRUCTION}"
+TOLERANCE = 0.05
+
+_AFTER_ANSWER = re.compile(r"Answer:\s*(.+)\s*$", re.DOTALL)
+
+
+def extract_answer(text: str) -> str | None:
+    """R3V's ``extract_answer``: everything after the first "Answer:" (stripped), else the whole text.
+
+    None when that leaves nothing (an empty output, or "Answer:" followed only by spaces).
+    """
+    match = _AFTER_ANSWER.search(text)
+    answer = match.group(1).strip() if match else text.strip()
+    return answer or None
+
+
+def r3v_correct(prediction: str, label: str) -> bool:
+    """R3V ``is_ans_correct``: 5% relative tolerance when both parse as floats, else exact match."""
+    try:
+        predicted, gold = float(prediction.strip()), float(label.strip())
+        if abs(predicted - gold) <= TOLERANCE * abs(gold):
+            return True
+    except ValueError:
+        pass
+    return prediction.strip().lower() == label.strip().lower()
+
+
+def _relaxed_float(text: str) -> float | None:
+    try:
+        return float(text.rstrip("%")) / 100.0 if text.endswith("%") else float(text)
+    except ValueError:
+        return None
+
+
+def relaxed_correct(prediction: str, label: str) -> bool:
+    """pix2struct ``relaxed_correctness``: percentages understood, tolerance only for a non-zero gold."""
+    predicted, gold = _relaxed_float(prediction), _relaxed_float(label)
+    if predicted is not None and gold:
+        return abs(predicted - gold) / abs(gold) <= TOLERANCE
+    return prediction.lower() == label.lower()
+
+
+def _canonical_number(value: float) -> str:
+    # "14", "14.0" and "1.4e1" are one answer for a vote
+    if value.is_integer() and abs(value) < 1e16:
+        return str(int(value))
+    return repr(value)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError as exc:
+        raise DataError(f"file not found: {path}", path=path) from exc
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc}", path=path) from exc
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"not valid JSON: {exc}", path=path) from exc
+
+
+def _text(record: dict, key: str, where: dict) -> str:
+    if key not in record:
+        raise DataError(f"missing field {key!r}", **where)
+    if not isinstance(record[key], str):
+        raise DataError(f"field {key!r} should be str, got {type(record[key]).__name__}", **where)
+    return record[key]
+
+
+def _labels(record: dict, key: str, where: dict) -> list[str]:
+    """A gold label: a string (official files, lmms-lab) or a non-empty list of strings (HuggingFaceM4)."""
+    if key not in record:
+        raise DataError(f"missing field {key!r}", **where)
+    value = record[key]
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise DataError(f"field {key!r} should be a string or a non-empty list of strings, got {value!r}", **where)
+
+
+def hub_image(value: Any, where: dict) -> str | Image.Image:
+    """An image cell of a Hugging Face dataset read with ``decode=False``.
+
+    Embedded bytes become a PIL image opened lazily (only the header is read now); a bare path
+    is kept as a path when the file exists.
+    """
+    if isinstance(value, Image.Image):
+        return value
+    data, path = (value.get("bytes"), value.get("path")) if isinstance(value, dict) else (value, None)
+    if isinstance(data, (bytes, bytearray)) and data:
+        try:
+            return Image.open(io.BytesIO(data))
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise DataError(f"cannot read the image bytes: {exc}", **where) from exc
+    if isinstance(path, str) and Path(path).is_file():
+        return path
+    raise DataError("the image has neither bytes nor a readable file path", **where)
+
+
+@tasks.register("chartqa")
+class ChartQA:
+    name = "chartqa"
+    splits = ("train", "val", "test")
+    sources = (
+        "local dir (vis-nlp/ChartQA 'ChartQA Dataset': <split>/<split>_{human,augmented}.json + <split>/png/); "
+        f"hub: {DEFAULT_HUB} (default), lmms-lab/ChartQA"
+    )
+    breakdown_keys = ("source",)
+
+    def __init__(
+        self,
+        subset: str = "human",
+        relaxed: bool = False,
+        hf_dataset: str | None = DEFAULT_HUB,
+        hf_kwargs: dict[str, Any] | None = None,
+        skip_bad: bool = False,
+        check_images: bool = True,
+        allow_outside_paths: bool = False,
+    ) -> None:
+        """``subset``: human | augmented | both. ``relaxed``: pix2struct relaxed accuracy instead of R3V's rule.
+        ``hf_dataset``: hub id or local parquet/json file, used when no data dir is given;
+        ``hf_kwargs`` go to ``datasets.load_dataset`` (e.g. ``cache_dir``, ``revision``).
+        ``skip_bad``: skip malformed records (listed in ``bad_records``) instead of raising.
+        """
+        if subset not in (*SUBSETS, "both"):
+            raise ValueError(f"chartqa subset must be human, augmented or both, not {subset!r}")
+        self.subset = subset
+        self.relaxed = relaxed
+        self.hf_dataset = hf_dataset
+        self.hf_kwargs = dict(hf_kwargs or {})
+        self.skip_bad = skip_bad
+        self.check_images = check_images
+        self.allow_outside_paths = allow_outside_paths
+        self.bad_records: list[str] = []
+
+    @property
+    def _wanted(self) -> tuple[str, ...]:
+        return SUBSETS if self.subset == "both" else (self.subset,)
+
+    # ---------------------------------------------------------------- loading
+    def load(self, split: str, data_dir: str | Path | None = None, limit: int | None = None) -> list[Example]:
+        if split not in self.splits:
+            raise ValueError(f"chartqa has splits {', '.join(self.splits)}, not {split!r}")
+        self.bad_records = []
+        if data_dir is None:
+            if self.hf_dataset is None:
+                raise DataError("chartqa needs --data-dir (the 'ChartQA Dataset' folder) or a hub dataset id")
+            return self._load_hub(split, limit)
+        examples: list[Example] = []
+        for source in self._wanted:
+            path = resolve_data_file(data_dir, f"{split}/{split}_{source}.json", task=self.name)
+            records = _read_json(path)
+            if not isinstance(records, list):
+                raise DataError(f"expected a JSON list of records, got {type(records).__name__}", path=path)
+            for index, record in enumerate(records):
+                if limit is not None and len(examples) >= limit:
+                    return examples
+                try:
+                    examples.append(self._build(record, index, source, Path(data_dir), split, path))
+                except DataError as exc:
+                    self._bad(exc)
+        return examples
+
+    def _bad(self, error: DataError) -> None:
+        """Raise a record's error, or note it and go on under ``skip_bad``."""
+        if not self.skip_bad:
+            raise error
+        self.bad_records.append(str(error))
+
+    def example_from_record(
+        self, record: dict, index: int, data_dir: str | Path | None = None, split: str = "test"
+    ) -> Example:
+        """One official record (``imgname``, ``query``, ``label``; ``source`` human/augmented if known)."""
+        source = record.get("source", "human") if isinstance(record, dict) else "human"
+        if source not in SUBSETS:
+            raise DataError(f"source should be human or augmented, got {source!r}", record=f"index {index}")
+        return self._build(record, index, source, Path(data_dir) if data_dir else None, split, None)
+
+    def _build(
+        self, record: Any, index: int, source: str, root: Path | None, split: str, path: Path | None
+    ) -> Example:
+        where = {"path": path, "record": f"index {index}"}
+        if not isinstance(record, dict):
+            raise DataError(f"expected a JSON object, got {type(record).__name__}", **where)
+        imgname = _text(record, "imgname", where)
+        labels = _labels(record, "label", where)
+        images = []
+        if root is not None:
+            image = safe_path(root, f"{split}/png/{imgname}", self.allow_outside_paths, record=where["record"])
+            if self.check_images and not image.is_file():
+                raise DataError(f"image file not found: {image}", path=image, record=where["record"])
+            images.append(str(image))
+        return self._example(f"{source}-{index}", _text(record, "query", where), labels, images, source, imgname)
+
+    def _example(self, id_: str, query: str, labels: list[str], images: list, source: str, imgname: str) -> Example:
+        return Example(
+            id=id_,
+            task=self.name,
+            question=query,
+            answer=labels[0],
+            images=images,
+            metadata={"source": source, "labels": labels, "imgname": imgname},
+        )
+
+    def _load_hub(self, split: str, limit: int | None) -> list[Example]:
+        import datasets
+
+        from r3v.tasks.base import load_hub_split
+
+        name = self.hf_dataset
+        try:
+            data = load_hub_split(name, split, **self.hf_kwargs)
+        except Exception as exc:  # offline, unknown id, missing split: one clear input error
+            raise DataError(f"cannot load {name!r} split {split!r}: {exc}", path=name) from exc
+        columns = set(data.column_names)
+        if {"query", "label", "human_or_machine", "image"} <= columns:
+            question_key, label_key, source_of = "query", "label", _m4_source
+            source_values = data["human_or_machine"]
+        elif {"question", "answer", "type", "image"} <= columns:
+            question_key, label_key, source_of = "question", "answer", _lmms_source
+            source_values = data["type"]
+        else:
+            raise DataError(
+                f"unrecognised columns {sorted(columns)}: expected HuggingFaceM4/ChartQA "
+                "(image, query, label, human_or_machine) or lmms-lab/ChartQA (image, question, answer, type)",
+                path=name,
+            )
+        if isinstance(data.features["image"], datasets.Image):
+            data = data.cast_column("image", datasets.Image(decode=False))
+        examples: list[Example] = []
+        seen = dict.fromkeys(SUBSETS, 0)
+        for row_index, raw_source in enumerate(source_values):
+            if limit is not None and len(examples) >= limit:
+                break
+            where = {"path": name, "record": f"row {row_index}"}
+            source = source_of(raw_source)
+            if source is None:
+                self._bad(DataError(f"unknown question source {raw_source!r}", **where))
+                continue
+            # numbered per source, like the official files, whose order the hub copies keep
+            number = seen[source]
+            seen[source] += 1
+            if source not in self._wanted:
+                continue
+            try:
+                row = data[row_index]
+                labels = _labels(row, label_key, where)
+                question = _text(row, question_key, where)
+                image = hub_image(row["image"], where)
+            except DataError as exc:
+                self._bad(exc)
+                continue
+            examples.append(
+                self._example(f"{source}-{number}", question, labels, [image], source, _image_name(row["image"]))
+            )
+        return examples
+
+    # ---------------------------------------------------------------- prompts
+    def cot_prompt(self, example: Example) -> str:
+        return f"{example.question}\n{COT}"
+
+    def qa_prompt(self, example: Example) -> str:
+        return f"{example.question}\n{QA}"
+
+    def answer_line(self, answer: Any, example: Example) -> str:
+        return f"Answer: {answer}"
+
+    def select_instruction(self, example: Example) -> str:
+        return SELECT
+
+    # ---------------------------------------------------------------- scoring
+    def extract(self, text: str, example: Example) -> str | None:
+        return extract_answer(text)
+
+    def normalize(self, answer: str, example: Example) -> str:
+        """Numbers in one canonical form (a trailing % read as a percentage under ``relaxed``), text lowercased."""
+        text = answer.strip()
+        value = _relaxed_float(text) if self.relaxed else _plain_float(text)
+        return _canonical_number(value) if value is not None else text.lower()
+
+    def is_correct(self, answer: str | None, example: Example) -> bool:
+        if answer is None:
+            return False
+        labels = example.metadata.get("labels") or [str(example.answer)]
+        judge = relaxed_correct if self.relaxed else r3v_correct
+        return any(judge(answer, label) for label in labels)
+
+
+def _plain_float(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _m4_source(value: Any) -> str | None:
+    # HuggingFaceM4/ChartQA: ClassLabel 0 = human, 1 = machine (the augmented questions)
+    return {0: "human", 1: "augmented", "human": "human", "machine": "augmented"}.get(value)
+
+
+def _lmms_source(value: Any) -> str | None:
+    # lmms-lab/ChartQA: "human_test" / "augmented_test"
+    if isinstance(value, str):
+        for source in SUBSETS:
+            if value.startswith(source):
+                return source
+    return None
+
+
+def _image_name(value: Any) -> str:
+    path = value.get("path") if isinstance(value, dict) else None
+    return Path(path).name if isinstance(path, str) else ""

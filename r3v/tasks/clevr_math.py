@@ -1,0 +1,280 @@
+"""``clevr-math``: CLEVR-Math counting arithmetic (Dahlgren Lindström & Abraham, 2022), scored as R3V does.
+
+Data, from a local folder, either layout:
+
+* R3V's: ``clevr_<split>.json``, a list of ``{"filename" (or "image"), "question", "answer"}``, with
+  images in ``clevr_math_imgs/``;
+* CLEVR-Math's own: ``clevr-math-<split>.json`` in the CLEVR question-file format
+  ``{"questions": [{"image_filename", "question", "answer", "template_filename", "split"}, ...]}``,
+  with images in ``CLEVR_v1.0/images/<split>/``. (R3V's file may hold this format too.)
+
+or from the Hugging Face parquet mirror ``ohjoonhee/CLEVR-Math-Test`` (test only; configs ``general``
+and ``multihop``; columns template, id, question, image, label). The official ``dali-does/clevr-math``
+is a loading script, which ``datasets>=4`` no longer runs.
+
+Scoring (R3V ``extract_number``; the benchmark has no official text scorer): a bare 0-10 output is
+the answer; otherwise the first integer after "Answer:" (so "Answer: 3.0" reads 3); otherwise
+nothing. Correct when it equals the gold integer written in decimal, character for character.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from r3v.errors import DataError
+from r3v.records import Example
+from r3v.registry import tasks
+from r3v.tasks.base import safe_path
+
+DEFAULT_HUB = "ohjoonhee/CLEVR-Math-Test"
+INSTRUCTION = "a single numerical value (0-10)."
+COT = f"First generate a step-by-step solution, then answer the question using {INSTRUCTION}"
+QA = f"Answer the question using {INSTRUCTION}"
+SELECT = f"Which prediction is correct? Give the final answer with {INSTRUCTION}"
+
+_BARE = re.compile(r"[0-9]|10")
+_AFTER_ANSWER = re.compile(r"Answer:\s*(-?\d+)")
+_GOLD = re.compile(r"-?[0-9]+")
+
+
+def extract_number(text: str) -> str | None:
+    """R3V ``extract_number``; None where R3V writes "unknown"."""
+    stripped = text.strip()
+    if _BARE.fullmatch(stripped):
+        return stripped
+    match = _AFTER_ANSWER.search(text)
+    return match.group(1) if match else None
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError as exc:
+        raise DataError(f"file not found: {path}", path=path) from exc
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc}", path=path) from exc
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"not valid JSON: {exc}", path=path) from exc
+
+
+def _text(record: dict, keys: tuple[str, ...], where: dict) -> str:
+    """The first of ``keys`` present in ``record``, which must be a string."""
+    for key in keys:
+        if key in record:
+            if not isinstance(record[key], str):
+                raise DataError(f"field {key!r} should be str, got {type(record[key]).__name__}", **where)
+            return record[key]
+    raise DataError(f"missing field {' or '.join(repr(k) for k in keys)}", **where)
+
+
+def _gold(record: dict, key: str, where: dict) -> str:
+    """The gold count as the decimal string R3V compares against: an int, or a string of digits."""
+    if key not in record:
+        raise DataError(f"missing field {key!r}", **where)
+    value = record[key]
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, str) and _GOLD.fullmatch(value):
+        return value
+    raise DataError(f"field {key!r} should be an integer, got {value!r}", **where)
+
+
+def hub_image(value: Any, where: dict) -> str | Image.Image:
+    """An image cell read with ``decode=False``: bytes open lazily as PIL, a bare path stays a path."""
+    if isinstance(value, Image.Image):
+        return value
+    data, path = (value.get("bytes"), value.get("path")) if isinstance(value, dict) else (value, None)
+    if isinstance(data, (bytes, bytearray)) and data:
+        try:
+            return Image.open(io.BytesIO(data))
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise DataError(f"cannot read the image bytes: {exc}", **where) from exc
+    if isinstance(path, str) and Path(path).is_file():
+        return path
+    raise DataError("the image has neither bytes nor a readable file path", **where)
+
+
+@tasks.register("clevr-math")
+class ClevrMath:
+    name = "clevr-math"
+    splits = ("train", "val", "test")
+    sources = (
+        "local dir (R3V: clevr_<split>.json + clevr_math_imgs/; or CLEVR-Math: clevr-math-<split>.json + "
+        f"CLEVR_v1.0/images/<split>/); hub: {DEFAULT_HUB} (test only; configs general, multihop)"
+    )
+    breakdown_keys = ("template",)
+
+    def __init__(
+        self,
+        hf_dataset: str | None = DEFAULT_HUB,
+        hf_config: str | None = "general",
+        hf_kwargs: dict[str, Any] | None = None,
+        skip_bad: bool = False,
+        check_images: bool = True,
+        allow_outside_paths: bool = False,
+    ) -> None:
+        """``hf_dataset``: hub id or local parquet/json file, used when no data dir is given; ``hf_config``:
+        its configuration (ignored for a local file); ``hf_kwargs`` go to ``datasets.load_dataset``.
+        ``skip_bad``: skip malformed records (listed in ``bad_records``) instead of raising.
+        """
+        self.hf_dataset = hf_dataset
+        self.hf_config = hf_config
+        self.hf_kwargs = dict(hf_kwargs or {})
+        self.skip_bad = skip_bad
+        self.check_images = check_images
+        self.allow_outside_paths = allow_outside_paths
+        self.bad_records: list[str] = []
+
+    def _bad(self, error: DataError) -> None:
+        """Raise a record's error, or note it and go on under ``skip_bad``."""
+        if not self.skip_bad:
+            raise error
+        self.bad_records.append(str(error))
+
+    # ---------------------------------------------------------------- loading
+    def load(self, split: str, data_dir: str | Path | None = None, limit: int | None = None) -> list[Example]:
+        split = "val" if split == "validation" else split
+        if split not in self.splits:
+            raise ValueError(f"clevr-math has splits {', '.join(self.splits)}, not {split!r}")
+        self.bad_records = []
+        if data_dir is None:
+            if self.hf_dataset is None:
+                raise DataError("clevr-math needs --data-dir (R3V or CLEVR-Math layout) or a hub dataset id")
+            return self._load_hub(split, limit)
+        root = Path(data_dir)
+        r3v_file, official_file = root / f"clevr_{split}.json", root / f"clevr-math-{split}.json"
+        if r3v_file.exists():
+            path, image_dir = r3v_file, "clevr_math_imgs"
+        elif official_file.exists():
+            path, image_dir = official_file, None
+        else:
+            raise DataError(f"clevr-math: neither {r3v_file.name} nor {official_file.name} found under {root}",
+                            path=root)
+        data = _read_json(path)
+        if isinstance(data, dict) and isinstance(data.get("questions"), list):
+            records = data["questions"]
+        elif isinstance(data, list):
+            records = data
+        else:
+            raise DataError('expected a JSON list of records or an object with a "questions" list', path=path)
+        examples: list[Example] = []
+        for index, record in enumerate(records):
+            if limit is not None and len(examples) >= limit:
+                break
+            try:
+                examples.append(self._build(record, index, root, split, image_dir, path))
+            except DataError as exc:
+                self._bad(exc)
+        return examples
+
+    def example_from_record(self, record: dict, index: int, data_dir: str | Path | None = None) -> Example:
+        """One record with ``question`` and ``answer`` (image fields are used when ``data_dir`` is given)."""
+        root = Path(data_dir) if data_dir else None
+        return self._build(record, index, root, "test", "clevr_math_imgs", None)
+
+    def _build(
+        self, record: Any, index: int, root: Path | None, split: str, image_dir: str | None, path: Path | None
+    ) -> Example:
+        where = {"path": path, "record": f"index {index}"}
+        if not isinstance(record, dict):
+            raise DataError(f"expected a JSON object, got {type(record).__name__}", **where)
+        question = _text(record, ("question",), where)
+        answer = _gold(record, "answer", where)
+        template = record.get("template_filename")
+        images = []
+        if root is not None:
+            filename = _text(record, ("filename", "image", "image_filename"), where)
+            if image_dir is None:  # CLEVR-Math layout: images sorted by the CLEVR split they come from
+                image_split = record.get("split", split)
+                relative = f"CLEVR_v1.0/images/{image_split}/{filename}"
+            else:
+                relative = f"{image_dir}/{filename}"
+            image = safe_path(root, relative, self.allow_outside_paths, record=where["record"])
+            if self.check_images and not image.is_file():
+                raise DataError(f"image file not found: {image}", path=image, record=where["record"])
+            images.append(str(image))
+        return Example(
+            id=str(index),
+            task=self.name,
+            question=question,
+            answer=answer,
+            images=images,
+            metadata={"template": _template_name(template)},
+        )
+
+    def _load_hub(self, split: str, limit: int | None) -> list[Example]:
+        import datasets
+
+        from r3v.tasks.base import load_hub_split
+
+        name = self.hf_dataset
+        if name == DEFAULT_HUB and split != "test":
+            raise DataError(f"{DEFAULT_HUB} has only a test split; use --data-dir for {split!r}")
+        kwargs = dict(self.hf_kwargs)
+        if self.hf_config and not Path(name).exists():
+            kwargs["name"] = self.hf_config
+        try:
+            data = load_hub_split(name, split, **kwargs)
+        except Exception as exc:  # offline, unknown id, missing split: one clear input error
+            raise DataError(f"cannot load {name!r} split {split!r}: {exc}", path=name) from exc
+        missing = {"question", "label", "image"} - set(data.column_names)
+        if missing:
+            raise DataError(f"missing column(s) {sorted(missing)}; expected template, id, question, image, label",
+                            path=name)
+        if isinstance(data.features["image"], datasets.Image):
+            data = data.cast_column("image", datasets.Image(decode=False))
+        examples: list[Example] = []
+        for index in range(len(data) if limit is None else min(limit, len(data))):
+            where = {"path": name, "record": f"row {index}"}
+            row = data[index]
+            try:
+                example = Example(
+                    id=str(index),
+                    task=self.name,
+                    question=_text(row, ("question",), where),
+                    answer=_gold(row, "label", where),
+                    images=[hub_image(row["image"], where)],
+                    metadata={"template": _template_name(row.get("template"))},
+                )
+            except DataError as exc:
+                self._bad(exc)
+                continue
+            examples.append(example)
+        return examples
+
+    # ---------------------------------------------------------------- prompts
+    def cot_prompt(self, example: Example) -> str:
+        return f"{example.question}\n{COT}"
+
+    def qa_prompt(self, example: Example) -> str:
+        return f"{example.question}\n{QA}"
+
+    def answer_line(self, answer: Any, example: Example) -> str:
+        return f"Answer: {answer}"
+
+    def select_instruction(self, example: Example) -> str:
+        return SELECT
+
+    # ---------------------------------------------------------------- scoring
+    def extract(self, text: str, example: Example) -> str | None:
+        return extract_number(text)
+
+    def normalize(self, answer: str, example: Example) -> str:
+        # R3V compares strings exactly ("03" is not "3"), so the vote does too
+        return answer.strip()
+
+    def is_correct(self, answer: str | None, example: Example) -> bool:
+        return answer is not None and answer == str(example.answer)
+
+
+def _template_name(value: Any) -> str:
+    # CLEVR-Math names the template by its file ("subtraction.json"); the hub copy drops ".json"
+    if isinstance(value, str) and value:
+        return value[:-5] if value.endswith(".json") else value
+    return "unknown"
