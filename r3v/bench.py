@@ -257,7 +257,7 @@ def plot_accuracy(results: dict[str, Any], path: str | Path) -> Path:
     for name in results["selectors"]:
         values = [results["ladder"][str(k)][metric_name(name, k)] for k in ks]
         style = {"linestyle": ":", "color": "grey"} if name == "oracle" else {}
-        axes.plot(ks, values, marker="o", label=name, **style)
+        axes.plot(ks, values, marker="o", label=f"{name} ({metric_name(name, 'k')})", **style)
     axes.plot(ks, [results["pass_at_k"][str(k)] for k in ks], marker="x", linestyle="--",
               color="black", label="pass@k (unbiased)")
     axes.set_xlabel("N (candidates per question)")

@@ -13,6 +13,7 @@ warm-up file is written atomically at the end, with a run manifest beside it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -72,6 +73,7 @@ class DistillConfig:
             top_k=self.top_k,
             max_new_tokens=self.max_new_tokens,
             seed=self.seed * 1_000 + try_index,
+            greedy=self.temperature == 0,
         )
 
 
@@ -172,12 +174,7 @@ def distill(
         store = SampleStore(
             work_dir(out) / f"try{try_index + 1}.jsonl", _try_settings(config, try_index, pending)
         )
-        progress = None
-        if on_chunk is not None:
-
-            def progress(done: int, total: int, new: list[Sample], number: int = try_index + 1) -> None:
-                on_chunk(number, done, total, new)
-
+        progress = functools.partial(on_chunk, try_index + 1) if on_chunk is not None else None
         samples = sample_examples(
             backend,
             task,

@@ -22,3 +22,7 @@ class DataError(ValueError):
 
 class ModelOutputError(ValueError):
     """A model output that cannot be parsed where parsing is required."""
+
+
+class BackendError(RuntimeError):
+    """A generation backend failed in a way a retry will not fix (HTTP 4xx, exhausted retries...)."""

@@ -450,6 +450,9 @@ class Loop:
                 model=ref.model_path(self.run_dir), adapter=ref.adapter_path(self.run_dir),
                 trust_remote_code=self.config.trust_remote_code, **self.config.backend_options,
             )
+        # Samples record the backend's model_id; the run-relative label keeps them free of this
+        # machine's paths, so a run moved or resumed elsewhere writes the same files.
+        self._backend.model_id = ref.label()
         self._backend_ref = ref
         return self._backend
 
@@ -565,23 +568,12 @@ def train_summary(result: Any) -> dict[str, Any]:
 
 
 def default_train_config(model: str) -> Any:
-    """The trainer's small-model preset for built-in models, the reference preset otherwise."""
-    from r3v.models.tiny import TINY_MODELS
+    """The trainer's preset for ``model``: the tiny CPU settings for built-in models, else R3V's reference."""
     from r3v.train import TrainConfig
 
-    if model in TINY_MODELS or model == "r3v-clevr-base":
+    if model == "r3v-clevr-base":  # a tiny model too, trained from scratch: the reference lr would barely move it
         return TrainConfig.tiny()
-    return TrainConfig.reference(model_family(model))
-
-
-def model_family(model: str) -> str:
-    """qwen-vl, qwen2-vl or llava, from the model's name (a guess that only picks LoRA defaults)."""
-    name = model.lower()
-    if "llava" in name:
-        return "llava"
-    if "qwen2" in name:
-        return "qwen2-vl"
-    return "qwen-vl"
+    return TrainConfig.for_model(model)
 
 
 def check_run_dir(run_dir: Path, settings: dict[str, Any]) -> None:

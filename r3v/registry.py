@@ -7,6 +7,7 @@ names a module (or a callable) that registers its objects on import.
 from __future__ import annotations
 
 import difflib
+import importlib
 from collections.abc import Callable, Iterator
 from importlib import metadata
 from typing import Generic, TypeVar
@@ -25,9 +26,16 @@ class UnknownNameError(KeyError):
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, builtin_module: str | None = None) -> None:
         self.kind = kind
+        self.builtin_module = builtin_module
         self._entries: dict[str, T] = {}
+
+    def _load(self) -> None:
+        # Only this registry's own package is imported: scoring needs tasks, not torch-heavy backends.
+        if self.builtin_module:
+            importlib.import_module(self.builtin_module)
+        load_plugins()
 
     def register(self, name: str) -> Callable[[T], T]:
         def decorator(obj: T) -> T:
@@ -39,7 +47,7 @@ class Registry(Generic[T]):
         return decorator
 
     def get(self, name: str) -> T:
-        load_builtins()
+        self._load()
         if name not in self._entries:
             known = sorted(self._entries)
             close = difflib.get_close_matches(name, known, n=1)
@@ -50,33 +58,29 @@ class Registry(Generic[T]):
         return self._entries[name]
 
     def names(self) -> list[str]:
-        load_builtins()
+        self._load()
         return sorted(self._entries)
 
     def items(self) -> Iterator[tuple[str, T]]:
-        load_builtins()
+        self._load()
         return iter(sorted(self._entries.items()))
 
     def __contains__(self, name: str) -> bool:
-        load_builtins()
+        self._load()
         return name in self._entries
 
 
-backends: Registry[Callable] = Registry("backend")
-selectors: Registry[Callable] = Registry("selector")
-tasks: Registry[Callable] = Registry("task")
+backends: Registry[Callable] = Registry("backend", "r3v.backends")
+selectors: Registry[Callable] = Registry("selector", "r3v.selectors")
+tasks: Registry[Callable] = Registry("task", "r3v.tasks")
 
 
-def load_builtins() -> None:
-    """Import the built-in implementations, then any plugins, once."""
+def load_plugins() -> None:
+    """Import the plugins of the ``r3v.plugins`` entry-point group, once."""
     global _plugins_loaded
     if _plugins_loaded:
         return
     _plugins_loaded = True
-    import r3v.backends  # noqa: F401
-    import r3v.selectors  # noqa: F401
-    import r3v.tasks  # noqa: F401
-
     for entry_point in metadata.entry_points(group=PLUGIN_GROUP):
         loaded = entry_point.load()
         if callable(loaded) and not isinstance(loaded, type):

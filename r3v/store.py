@@ -109,11 +109,14 @@ def sample_examples(
     chunk_size: int = 32,
     iteration: int | None = None,
     on_chunk: Callable[[int, int, list[Sample]], None] | None = None,
+    skip_bad: bool = False,
+    bad: list[str] | None = None,
 ) -> list[Sample]:
     """Sample ``sampling.n`` completions per example into ``store``; return all stored samples.
 
     Only chunks with missing samples are generated. ``on_chunk(done_examples, total, new)`` reports
-    progress after each chunk.
+    progress after each chunk. An example whose images cannot be read raises a DataError naming
+    the file and the record; with ``skip_bad`` it is skipped instead and its error appended to ``bad``.
     """
     prompt = prompt or task.cot_prompt
     done = store.done()
@@ -123,13 +126,23 @@ def sample_examples(
         wanted = [(ex, k) for ex in chunk for k in range(sampling.n) if (ex.id, k) not in done]
         new: list[Sample] = []
         if wanted:
-            requests = [Request.user(prompt(ex), ex.load_images()) for ex in chunk]
+            readable, requests = [], []
+            for ex in chunk:
+                try:
+                    requests.append(Request.user(prompt(ex), ex.load_images()))
+                    readable.append(ex)
+                except DataError as exc:
+                    if not skip_bad:
+                        raise
+                    if bad is not None:
+                        bad.append(str(exc))
             chunk_sampling = Sampling(**{**sampling.to_dict(), "seed": chunk_seed(sampling.seed, chunk_index)})
-            outputs = backend.generate(requests, chunk_sampling)
-            by_id = {ex.id: (ex, completions) for ex, completions in zip(chunk, outputs)}
+            outputs = backend.generate(requests, chunk_sampling) if requests else []
+            by_id = {ex.id: (ex, completions) for ex, completions in zip(readable, outputs)}
             for ex, k in wanted:
-                completion = by_id[ex.id][1][k]
-                new.append(score_completion(task, ex, k, completion, backend.model_id, chunk_sampling, iteration))
+                if ex.id in by_id:
+                    completion = by_id[ex.id][1][k]
+                    new.append(score_completion(task, ex, k, completion, backend.model_id, chunk_sampling, iteration))
             store.append(new)
         finished += len(chunk)
         if on_chunk:

@@ -45,6 +45,7 @@ class Fault:
     status: int = 500
     message: str = "injected failure"
     retry_after: str | None = None
+    code: str | None = None  # OpenAI's machine-readable error.code, e.g. "insufficient_quota"
     delay_s: float = 0.0
 
 
@@ -160,7 +161,9 @@ class ChatServer:
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True  # a thread still sleeping in a "slow" fault must not block exit
         # A short poll interval keeps shutdown (which waits for the next poll) fast.
-        threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+        threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        ).start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -195,7 +198,8 @@ class ChatServer:
             return _send_json(handler, 401, {"error": {"message": "Incorrect API key provided"}})
         if fault is not None and fault.kind == "status":
             headers = {"Retry-After": fault.retry_after} if fault.retry_after is not None else {}
-            return _send_json(handler, fault.status, {"error": {"message": fault.message}}, headers)
+            error = {"message": fault.message, **({"code": fault.code} if fault.code else {})}
+            return _send_json(handler, fault.status, {"error": error}, headers)
         if fault is not None and fault.kind == "slow":
             time.sleep(fault.delay_s)
         if fault is not None and fault.kind == "not-json":

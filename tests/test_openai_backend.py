@@ -15,6 +15,7 @@ from chat_server import ChatServer, Fault, ModelAnswerer, ScriptedAnswerer, word
 
 from r3v.backends.base import Request, Sampling
 from r3v.backends.openai import BackendError, OpenAIBackend, request_seed, split_proportionally
+from r3v.records import Sample, read_jsonl
 from r3v.registry import backends
 from r3v.store import SampleStore, sample_examples
 
@@ -143,12 +144,16 @@ def test_split_proportionally_sums_to_the_total():
 def test_requests_in_flight_stay_within_max_concurrency(clevr_task):
     state = {"now": 0, "peak": 0}
     lock = threading.Lock()
+    full = threading.Event()  # set once 3 requests are in flight together
 
     def slow_echo(call, n):
         with lock:
             state["now"] += 1
             state["peak"] = max(state["peak"], state["now"])
-        time.sleep(0.05)
+            if state["now"] == 3:
+                full.set()
+        full.wait(timeout=5)  # hold the first replies until the bound is reached, however slow the machine
+        time.sleep(0.02)
         with lock:
             state["now"] -= 1
         return echo(call, n)
@@ -218,6 +223,24 @@ def test_client_error_fails_fast_with_the_servers_message(requests_three):
             client(server).generate(requests_three[:1], Sampling(n=1, seed=0))
     assert error.value.status == 400
     assert len(server.calls) == 1  # no retry
+
+
+def test_exhausted_quota_is_not_retried(requests_three):
+    faults = {1: Fault("status", 429, message="You exceeded your current quota", code="insufficient_quota")}
+    with ChatServer(ScriptedAnswerer(echo), faults=faults) as server:
+        with pytest.raises(BackendError, match="HTTP 429: You exceeded your current quota"):
+            client(server).generate(requests_three[:1], Sampling(n=1))
+    assert len(server.calls) == 1
+
+
+def test_refused_connection_is_retried_then_reported(requests_three):
+    with ChatServer(ScriptedAnswerer(echo)) as server:
+        url = server.base_url
+    # The server is gone: nothing listens on its port any more.
+    backend = OpenAIBackend(model="m", base_url=url, max_retries=2, backoff_base_s=0.01)
+    with pytest.raises(BackendError, match="gave up after 3 attempts; last error: connection failed"):
+        backend.generate(requests_three[:1], Sampling(n=1))
+    assert [kind for kind, _ in backend.retry_log] == ["connection failed"] * 2
 
 
 def test_api_key_comes_from_the_named_environment_variable(monkeypatch, requests_three):
@@ -328,3 +351,28 @@ def test_interrupted_sampling_resumes_without_asking_stored_work_again(clevr_tas
     assert asked_again == [clevr_task.cot_prompt(e) for e in examples[2:]]
     clean, clean_store = run(tmp_path / "clean.jsonl")
     assert [s.to_dict() for s in store.samples()] == [s.to_dict() for s in clean_store.samples()]
+
+
+def test_r3v_generate_with_the_openai_backend_resumes(clevr_task, tmp_path):
+    from click.testing import CliRunner
+
+    from r3v.cli import main
+
+    out = tmp_path / "samples.jsonl"
+    args = ["generate", "--backend", "openai", "--model", "teacher", "--limit", "3", "--n", "2", "--out", str(out)]
+    with ChatServer(ScriptedAnswerer(echo)) as server:
+        env = {"R3V_OPENAI_BASE_URL": server.base_url, "OPENAI_BASE_URL": None, "OPENAI_API_KEY": "sk-test"}
+        first = CliRunner().invoke(main, args, env=env)
+        assert first.exit_code == 0, first.output
+        assert len(server.calls) == 3
+        second = CliRunner().invoke(main, args, env=env)
+        assert second.exit_code == 0, second.output
+        assert len(server.calls) == 3  # everything was stored: nothing is asked again
+    samples = [Sample.from_dict(r) for r in read_jsonl(out)]
+    assert [(s.example_id, s.sample_index) for s in samples] == [(f"test-{i}", k) for i in range(3) for k in range(2)]
+    # Calls arrive in any order (8 in flight); the texts name each call's seed, so compare as sets.
+    assert sorted(s.text for s in samples) == sorted(t for call in server.calls for t in echo(call, 2))
+    gold = {ex.id: ex.answer for ex in clevr_task.load("test", limit=3)}
+    for sample in samples:  # scored by the task: extracted "Answer: k", compared with the gold answer
+        assert sample.answer == sample.text.split("Answer: ")[1]
+        assert sample.correct == (sample.answer == gold[sample.example_id])

@@ -61,8 +61,8 @@ def test_first_takes_the_first_candidate(clevr_task, example):
 
 def test_majority_votes_on_normalised_answers_not_raw_text(clevr_task, example):
     gold, wrong = example.answer, other(example)
-    # Raw strings "7 " and "7" differ, but clevr-synth normalises both to "7": 2 votes against 1... and
-    # the wrong answer comes first, so raw-text voting would tie 1-1-1 and pick it.
+    # Raw strings "7 " and "7" differ, but clevr-synth normalises both to "7", so the gold answer
+    # wins 2 votes to 1. Voting on raw text would tie 1-1-1 and pick the wrong answer, seen first.
     cands = candidates(example, [wrong, f"{gold} ", gold])
     choice = MajoritySelector().select(clevr_task, example, cands)
     assert choice.answer == f"{gold} " and choice.correct

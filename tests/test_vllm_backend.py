@@ -75,7 +75,7 @@ def test_module_imports_and_registers_without_vllm():
 
     assert backends.get("vllm") is VLLMBackend
     if importlib.util.find_spec("vllm") is None:
-        with pytest.raises(ImportError):
+        with pytest.raises(ImportError, match="r3v\\[vllm\\]"):
             VLLMBackend(model="tiny-qwen2-vl")
 
 
@@ -103,6 +103,17 @@ def test_engine_options(standin_vllm, tiny_qwen):
     assert kwargs["trust_remote_code"] is False  # never passed unless the user asks
     VLLMBackend(model="tiny-qwen2-vl", trust_remote_code=True)
     assert standin_vllm.ENGINES[-1].init_kwargs["trust_remote_code"] is True
+
+
+def test_engine_options_from_the_environment(standin_vllm, monkeypatch):
+    """How the CLI, which passes no engine options, reaches tensor parallelism."""
+    monkeypatch.setenv("R3V_VLLM_OPTIONS", '{"tensor_parallel_size": 4, "max_model_len": 4096, "enforce_eager": true}')
+    VLLMBackend(model="tiny-qwen2-vl")
+    kwargs = standin_vllm.ENGINES[-1].init_kwargs
+    assert (kwargs["tensor_parallel_size"], kwargs["max_model_len"], kwargs["enforce_eager"]) == (4, 4096, True)
+    monkeypatch.setenv("R3V_VLLM_OPTIONS", "[4]")
+    with pytest.raises(DataError, match="JSON object"):
+        VLLMBackend(model="tiny-qwen2-vl")
 
 
 def test_sampling_params_per_request(standin_vllm, requests_with_images):
@@ -159,8 +170,8 @@ def test_output_translation(standin_vllm, requests_with_images):
     raw = engine.calls[-1]["outputs"]
     assert [len(c) for c in out] == [5] * len(requests_with_images)
     reasons = set()
-    for completions, request_output in zip(out, raw):
-        for completion, choice in zip(completions, request_output.outputs):
+    for completions, request_output in zip(out, raw, strict=True):
+        for completion, choice in zip(completions, request_output.outputs, strict=True):
             assert completion.text == choice.text
             assert completion.completion_tokens == len(choice.token_ids) <= 6
             assert completion.prompt_tokens == len(request_output.prompt_token_ids) > 0
@@ -204,6 +215,16 @@ def test_vision_tower_adapter_warns(standin_vllm, adapters):
 def test_bad_adapter_folder_is_a_data_error(standin_vllm, tmp_path):
     with pytest.raises(DataError, match="adapter_config.json"):
         VLLMBackend(model="tiny-qwen2-vl", adapter=str(tmp_path))
+
+
+def test_close_shuts_the_engine_down(standin_vllm, requests_with_images):
+    backend = VLLMBackend(model="tiny-qwen2-vl")
+    engine = standin_vllm.ENGINES[-1]
+    backend.close()
+    assert engine.llm_engine.engine_core.running is False
+    with pytest.raises(RuntimeError, match="closed"):
+        backend.generate(requests_with_images, Sampling(n=1, max_new_tokens=4))
+    backend.close()  # twice is harmless
 
 
 def test_lora_rank_rounding():

@@ -184,11 +184,12 @@ def decode(
     stop_ids: set[int],
     pad_token_id: int,
     keep_logits: bool = False,
+    compact_fraction: float = COMPACT_FRACTION,
 ) -> Decoded:
     """Draw up to ``sampling.max_new_tokens`` tokens for every row of ``state``.
 
     ``seeds[slot]`` seeds the random stream of the row whose output slot is ``slot``; greedy
-    decoding ignores them.
+    decoding ignores them. Finished rows leave the batch once they are ``compact_fraction`` of it.
     """
     if sampling.max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {sampling.max_new_tokens}")
@@ -224,7 +225,7 @@ def decode(
         done |= stopped
         if bool(done.all()) or step == sampling.max_new_tokens - 1:
             break
-        if int(done.sum()) >= max(1, COMPACT_FRACTION * done.shape[0]):
+        if int(done.sum()) >= max(1, compact_fraction * done.shape[0]):
             alive = (~done).nonzero().flatten()
             state.select(alive)
             next_tokens = next_tokens[alive]

@@ -6,8 +6,9 @@ anywhere can write rationales without extra dependencies.
 
 Failure policy:
 
-- 429 and 5xx, timeouts and dropped connections are transient: retried up to ``max_retries``
-  times with exponential backoff and jitter, or after the server's ``Retry-After``.
+- 429 (except OpenAI's ``insufficient_quota``), 5xx, timeouts and refused or dropped
+  connections are transient: retried up to ``max_retries`` times with exponential backoff and
+  jitter, or after the server's ``Retry-After``.
 - Any other 4xx (bad key, unknown model, context too long) fails at once with the server's message.
 - A 200 whose body is not a chat completion (not JSON, no ``choices``) is retried once, since a
   proxy can truncate a body; a second malformed body in a row fails with a snippet of it.
@@ -16,6 +17,7 @@ Failure policy:
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import http.client
 import io
@@ -27,26 +29,29 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 from PIL import Image
 
+from r3v import errors
 from r3v.backends.base import Completion, Request, Sampling
 from r3v.registry import backends
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 BASE_URL_ENV = ("R3V_OPENAI_BASE_URL", "OPENAI_BASE_URL")
 #: Hosts that always need a key; a local server usually does not.
 KEYED_HOSTS = ("api.openai.com",)
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
-class BackendError(RuntimeError):
+class BackendError(errors.BackendError):
     """A chat API call that failed for good: a client error, or retries exhausted."""
 
     def __init__(self, message: str, status: int | None = None) -> None:
@@ -134,31 +139,18 @@ class OpenAIBackend:
             raise ValueError(
                 f"{self.base_url} needs an API key: set the environment variable {self.options.api_key_env}"
             )
+        # A server on this machine is never reached through a proxy, whatever HTTP(S)_PROXY says.
+        loopback = urlparse(self.base_url).hostname in LOOPBACK_HOSTS
+        self._opener = urllib.request.build_opener(*([urllib.request.ProxyHandler({})] if loopback else []))
         self.usage = Usage()
         #: (status or error kind, delay in seconds) for every retry, in the order they happened.
         self.retry_log: list[tuple[str, float]] = []
         self._lock = threading.Lock()
 
     def generate(self, requests: list[Request], sampling: Sampling) -> list[list[Completion]]:
-        if not requests:
-            return []
         messages = [chat_messages(r) for r in requests]
-        results: list[list[Completion] | None] = [None] * len(requests)
-        executor = ThreadPoolExecutor(max_workers=min(self.options.max_concurrency, len(requests)))
-        try:
-            futures = {
-                executor.submit(self._complete, i, msgs, sampling): i for i, msgs in enumerate(messages)
-            }
-            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-            for future in done:
-                if future.exception() is not None:
-                    raise future.exception()
-            for future, index in futures.items():
-                results[index] = future.result()
-        finally:
-            # On an error, queued requests are dropped; those already sent finish in the background.
-            executor.shutdown(wait=False, cancel_futures=True)
-        return [r or [] for r in results]
+        jobs = [functools.partial(self._complete, i, m, sampling) for i, m in enumerate(messages)]
+        return run_bounded(jobs, self.options.max_concurrency)
 
     def _complete(self, index: int, messages: list[dict], sampling: Sampling) -> list[Completion]:
         """All choices for one request, topping up when the server returns fewer than asked."""
@@ -238,11 +230,14 @@ class OpenAIBackend:
         request = urllib.request.Request(self.endpoint, data=data, headers=headers, method="POST")
         timeout = f"timeout: no reply within {self.options.timeout_s} s"
         try:
-            with urllib.request.urlopen(request, timeout=self.options.timeout_s) as response:
+            with self._opener.open(request, timeout=self.options.timeout_s) as response:
                 body = response.read()
         except urllib.error.HTTPError as exc:
-            message = error_message(_read_quietly(exc))
-            if exc.code == 429 or exc.code >= 500:
+            body = _read_quietly(exc)
+            message = error_message(body)
+            # OpenAI answers an exhausted quota (billing) with 429 too, but waiting will not fix it.
+            transient = (exc.code == 429 and error_code(body) != "insufficient_quota") or exc.code >= 500
+            if transient:
                 return None, f"HTTP {exc.code}: {message}", parse_retry_after(exc.headers.get("Retry-After"))
             raise BackendError(
                 f"{self.endpoint} refused the request: HTTP {exc.code}: {message}", status=exc.code
@@ -270,6 +265,47 @@ class OpenAIBackend:
         with self._lock:
             for name, amount in amounts.items():
                 setattr(self.usage, name, getattr(self.usage, name) + amount)
+
+
+def run_bounded(jobs: list[Callable[[], T]], limit: int) -> list[T]:
+    """Run ``jobs`` on at most ``limit`` threads; results in job order. The first error stops
+    new jobs from starting and is raised.
+
+    Daemon threads rather than ``concurrent.futures``: its workers are joined at interpreter
+    exit, so a Ctrl-C would hang until every request in flight timed out. Here the main thread
+    waits in ``join``, which a signal interrupts, and abandoned requests die with the process.
+    """
+    results: list[T | None] = [None] * len(jobs)
+    errors: list[BaseException] = []
+    queue = iter(range(len(jobs)))
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def worker() -> None:
+        while not stop.is_set():
+            with lock:
+                index = next(queue, None)
+            if index is None:
+                return
+            try:
+                results[index] = jobs[index]()
+            except BaseException as exc:  # handed to the caller's thread below
+                with lock:
+                    errors.append(exc)
+                stop.set()
+                return
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(min(limit, len(jobs)))]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        stop.set()  # after a Ctrl-C: start no new request
+    if errors:
+        raise errors[0]
+    return results  # type: ignore[return-value]
 
 
 def resolve_base_url(base_url: str | None) -> str:
@@ -381,6 +417,15 @@ def error_message(body: bytes) -> str:
         if data.get("message"):
             return str(data["message"])
     return _snippet(body)
+
+
+def error_code(body: bytes) -> str | None:
+    """The machine-readable ``error.code`` of an OpenAI-shaped error body, if any."""
+    try:
+        error = json.loads(body.decode("utf-8")).get("error")
+    except (UnicodeDecodeError, ValueError, AttributeError):
+        return None
+    return str(error.get("code")) if isinstance(error, dict) and error.get("code") else None
 
 
 def parse_retry_after(value: str | None) -> float | None:

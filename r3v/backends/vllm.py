@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import struct
 import warnings
@@ -33,6 +34,26 @@ VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 #: Parameter-name fragments of vision towers in the VLMs r3v supports (Qwen2-VL ``visual``,
 #: LLaVA ``vision_tower``, others ``vision_model``). vLLM applies LoRA to the language model only.
 _VISION_NAME = re.compile(r"(^|\.)(visual|vision_tower|vision_model|vision_encoder)(\.|$)")
+
+
+#: JSON object of engine options for runs started from the CLI, e.g.
+#: ``R3V_VLLM_OPTIONS='{"tensor_parallel_size": 4, "max_model_len": 8192}'``. Known backend
+#: options (tensor_parallel_size, max_model_len, max_images_per_prompt, dtype,
+#: gpu_memory_utilization) override the backend's arguments; any other key goes to ``vllm.LLM``.
+OPTIONS_ENV = "R3V_VLLM_OPTIONS"
+
+
+def env_options() -> dict[str, Any]:
+    raw = os.environ.get(OPTIONS_ENV, "").strip()
+    if not raw:
+        return {}
+    try:
+        options = json.loads(raw)
+    except ValueError as exc:
+        raise DataError(f"{OPTIONS_ENV} is not valid JSON: {exc}") from exc
+    if not isinstance(options, dict):
+        raise DataError(f"{OPTIONS_ENV} must be a JSON object, got {type(options).__name__}")
+    return options
 
 
 def request_seed(seed: int, request_index: int) -> int:
@@ -93,7 +114,7 @@ def vision_tower_modules(adapter: str | Path) -> list[str]:
 
 @backends.register("vllm")
 class VLLMBackend:
-    """Batched generation with ``vllm.LLM``.
+    """vLLM engine on CUDA GPUs: the HF backend's prompts, per-request seeds, LoRA via LoRARequest.
 
     One ``SamplingParams`` per request (its own seed, ``max_tokens`` always set), images through
     ``multi_modal_data``, an adapter through ``LoRARequest``. Options map onto ``LLM(...)``.
@@ -113,13 +134,24 @@ class VLLMBackend:
         engine_kwargs: dict[str, Any] | None = None,
         **ignored: Any,
     ) -> None:
-        import vllm  # noqa: F401  (fail here, with a clear message, when vllm is missing)
-        from vllm import LLM
+        try:
+            from vllm import LLM
+        except ImportError as exc:
+            raise ImportError(
+                "the vllm backend needs vLLM, which runs on CUDA GPUs only: pip install 'r3v[vllm]'"
+            ) from exc
 
         from r3v.models.loading import load_processor, resolve_model
 
         if ignored:
             log.info("vllm backend ignores options %s", sorted(ignored))
+        settings = env_options()
+        tensor_parallel_size = settings.pop("tensor_parallel_size", tensor_parallel_size)
+        max_model_len = settings.pop("max_model_len", max_model_len)
+        max_images_per_prompt = settings.pop("max_images_per_prompt", max_images_per_prompt)
+        dtype = settings.pop("dtype", dtype)
+        gpu_memory_utilization = settings.pop("gpu_memory_utilization", gpu_memory_utilization)
+        engine_kwargs = {**settings, **(engine_kwargs or {})}
         self.model_id = model
         self.adapter = adapter
         self.path = resolve_model(model)
@@ -158,6 +190,26 @@ class VLLMBackend:
         options.update(engine_kwargs or {})
         self.engine_options = options
         self.llm = LLM(model=self.path, **options)
+
+    def close(self) -> None:
+        """Shut the engine down so its GPU memory is free for training (a dropped reference may not be).
+
+        vLLM's V1 engine runs its core in a child process; ``engine_core.shutdown()`` stops it.
+        """
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is None:
+            return
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if callable(getattr(core, "shutdown", None)):
+            core.shutdown()
+        del llm
+        import gc
+
+        gc.collect()
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def prompt_text(self, request: Request) -> str:
         return self.processor.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=False)
@@ -198,6 +250,8 @@ class VLLMBackend:
     def generate(self, requests: list[Request], sampling: Sampling) -> list[list[Completion]]:
         if not requests:
             return []
+        if self.llm is None:
+            raise RuntimeError("this vllm backend was closed")
         prompts = [self.engine_inputs(r, i) for i, r in enumerate(requests)]
         params = [self.sampling_params(sampling, i) for i in range(len(requests))]
         kwargs: dict[str, Any] = {"use_tqdm": False}

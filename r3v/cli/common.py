@@ -9,7 +9,7 @@ import os
 import click
 from rich.console import Console
 
-from r3v.errors import DataError, ModelOutputError
+from r3v.errors import BackendError, DataError, ModelOutputError
 from r3v.registry import UnknownNameError
 
 console = Console(stderr=True)
@@ -22,7 +22,7 @@ def friendly_errors(func):
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
-        except (DataError, UnknownNameError, ModelOutputError) as exc:
+        except (DataError, UnknownNameError, ModelOutputError, BackendError) as exc:
             raise click.ClickException(str(exc)) from exc
 
     return wrapper
@@ -54,10 +54,78 @@ def model_options(func):
     return func
 
 
-def make_task(name: str, **kwargs):
+def make_task(name: str, task_args: dict | None = None, **options):
+    """Build a registered task.
+
+    ``task_args`` (from ``--task-arg KEY=VALUE``) must all be accepted by the task's constructor;
+    ``options`` (e.g. skip_bad) are passed only where the constructor takes them.
+    """
+    import inspect
+
     from r3v.registry import tasks
 
-    return tasks.get(name)(**kwargs)
+    factory = tasks.get(name)
+    accepted = inspect.signature(factory).parameters
+    unknown = sorted(set(task_args or {}) - set(accepted))
+    if unknown:
+        known = ", ".join(p for p in accepted if p not in ("self", "args", "kwargs")) or "none"
+        raise click.BadParameter(f"task {name!r} takes no option {', '.join(unknown)}; it takes: {known}",
+                                 param_hint="--task-arg")
+    kwargs = {k: v for k, v in options.items() if k in accepted}
+    kwargs.update(task_args or {})
+    return factory(**kwargs)
+
+
+def parse_task_args(items: tuple[str, ...]) -> dict:
+    """``KEY=VALUE`` pairs; values true/false become booleans and numbers become numbers."""
+    parsed = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--task-arg")
+        parsed[key.strip().replace("-", "_")] = _typed(value.strip())
+    return parsed
+
+
+def _typed(value: str):
+    lowered = value.lower()
+    if lowered in ("true", "yes", "on"):
+        return True
+    if lowered in ("false", "no", "off"):
+        return False
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value
+
+
+def data_options(func):
+    """--data-dir, --skip-bad, --allow-outside-paths, --task-arg."""
+    options = [
+        click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+                     help="Folder with the task's official files (else the task's hub dataset)."),
+        click.option("--skip-bad", is_flag=True,
+                     help="Skip bad records and unreadable images (counted and listed) instead of stopping."),
+        click.option("--allow-outside-paths", is_flag=True,
+                     help="Let image paths in data files point outside the data folder."),
+        click.option("--task-arg", "task_args", multiple=True, metavar="KEY=VALUE",
+                     help="Option for the task, repeatable (e.g. relaxed=true for chartqa)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def report_bad_records(bad: list[str]) -> None:
+    if not bad:
+        return
+    console.print(f"[yellow]skipped {len(bad)} bad record(s):[/]")
+    for message in bad[:20]:
+        console.print(f"  - {message}", markup=False, highlight=False)
+    if len(bad) > 20:
+        console.print(f"  ... and {len(bad) - 20} more")
 
 
 def make_backend(name: str, model: str, adapter: str | None, trust_remote_code: bool, **kwargs):

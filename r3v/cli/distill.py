@@ -79,7 +79,7 @@ def distill(
     backend_options = {option: given[param] for param, option in HTTP_OPTIONS if given[param] is not None}
     if backend_options and backend_name != "openai":
         flags = ", ".join("--" + p.replace("_", "-") for p, _ in HTTP_OPTIONS if given[p] is not None)
-        raise click.UsageError(f"{flags} apply to --backend openai only")
+        raise click.UsageError(f"only --backend openai takes {flags}")
     if (price_prompt is None) != (price_completion is None):
         raise click.UsageError("give both --price-prompt and --price-completion, or neither")
     prices = Prices(price_prompt, price_completion) if price_prompt is not None else None

@@ -7,7 +7,17 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from r3v.cli.common import console, friendly_errors, make_backend, make_task, model_options, quiet_libraries
+from r3v.cli.common import (
+    console,
+    data_options,
+    friendly_errors,
+    make_backend,
+    make_task,
+    model_options,
+    parse_task_args,
+    quiet_libraries,
+    report_bad_records,
+)
 
 
 def sampling_options(func):
@@ -29,7 +39,7 @@ def sampling_options(func):
 @model_options
 @click.option("--task", "task_name", default="clevr-synth", show_default=True)
 @click.option("--split", default="test", show_default=True)
-@click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Folder with the task's official files.")
+@data_options
 @click.option("--limit", type=int, default=None, help="Use only the first K questions.")
 @click.option("--prompt", "prompt_kind", type=click.Choice(["cot", "qa"]), default="cot", show_default=True)
 @sampling_options
@@ -38,7 +48,8 @@ def sampling_options(func):
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), required=True, help="Sample store (JSONL).")
 @friendly_errors
 def generate(
-    model, adapter, backend_name, trust_remote_code, task_name, split, data_dir, limit, prompt_kind,
+    model, adapter, backend_name, trust_remote_code, task_name, split, data_dir, skip_bad, allow_outside_paths, task_args,
+    limit, prompt_kind,
     n, temperature, top_p, top_k, max_new_tokens, greedy, seed, shard, chunk_size, out_path,
 ):
     """Sample N completions per question and write one scored Sample per line to --out.
@@ -51,11 +62,12 @@ def generate(
 
     quiet_libraries()
     shard_spec = Shard.parse(shard)
-    task = make_task(task_name)
+    task = make_task(task_name, parse_task_args(task_args), skip_bad=skip_bad, allow_outside_paths=allow_outside_paths)
     examples = shard_spec.select(task.load(split, data_dir=data_dir, limit=limit))
     sampling = Sampling(n=n, temperature=temperature, top_p=top_p, top_k=top_k,
                         max_new_tokens=max_new_tokens, seed=seed, greedy=greedy)
     settings = {
+        "task_args": list(task_args),
         "model": model, "adapter": adapter, "backend": backend_name, "task": task_name, "split": split,
         "limit": limit, "prompt": prompt_kind, "sampling": sampling.to_dict(), "seed": seed,
         "shard": f"{shard_spec.index}/{shard_spec.count}", "chunk_size": chunk_size,
@@ -64,6 +76,7 @@ def generate(
     backend = make_backend(backend_name, model, adapter, trust_remote_code)
     prompt = task.cot_prompt if prompt_kind == "cot" else task.qa_prompt
 
+    bad: list[str] = list(getattr(task, "bad_records", []))
     tokens = 0
     started = time.perf_counter()
     with Progress(
@@ -79,7 +92,8 @@ def generate(
             progress.update(bar, completed=done, rate=f"{done / elapsed:.2f} items/s, {tokens / elapsed:.0f} tok/s")
 
         samples = sample_examples(backend, task, examples, sampling, store, prompt=prompt,
-                                  chunk_size=chunk_size, on_chunk=on_chunk)
+                                  chunk_size=chunk_size, on_chunk=on_chunk, skip_bad=skip_bad, bad=bad)
+    report_bad_records(bad)
     summary = summarize_samples(samples)
     Console().print(
         f"[bold]{summary['examples']}[/] questions, [bold]{summary['samples']}[/] samples -> {out_path}\n"

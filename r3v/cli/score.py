@@ -6,7 +6,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from r3v.cli.common import console, friendly_errors, make_task
+from r3v.cli.common import console, friendly_errors, make_task, parse_task_args
 
 
 @click.command()
@@ -28,16 +28,7 @@ def score(task_name: str, file: str, as_json: bool, out_path: str | None, skip_b
     from r3v.io import atomic_write_text
     from r3v.scoring import score_file
 
-    kwargs = {}
-    for item in task_args:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--task-arg")
-        kwargs[key] = value
-    try:
-        task = make_task(task_name, **kwargs)
-    except (TypeError, ValueError) as exc:
-        raise click.BadParameter(f"task {task_name!r} does not accept {kwargs}: {exc}", param_hint="--task-arg") from exc
+    task = make_task(task_name, task_args=parse_task_args(task_args))
     report = score_file(task, file, skip_bad=skip_bad, task_name=task_name)
 
     if out_path:
@@ -45,7 +36,7 @@ def score(task_name: str, file: str, as_json: bool, out_path: str | None, skip_b
     if report.skipped:
         console.print(f"[yellow]skipped {len(report.skipped)} bad line(s):[/yellow]")
         for message in report.skipped:
-            console.print(f"  {message}", markup=False, highlight=False)
+            console.print(f"  {message}", markup=False, highlight=False, soft_wrap=True)
     if as_json:
         click.echo(json.dumps(report.summary(), ensure_ascii=False))
         return

@@ -87,6 +87,7 @@ class R3VLmms(lmms):
         output: ``answer`` returns the chosen answer; ``text`` the chosen candidate's full text.
         temperature, top_p, top_k, max_new_tokens, seed: sampling of the N candidates. The task
             yaml's generation_kwargs are not used: self-select needs sampled chains of thought.
+        select_max_new_tokens: token budget of the self-select call (the selector's default if None).
         chunk_size: documents per backend call.
         backend_options: passed to the backend's constructor (e.g. ``tensor_parallel_size``).
     """
@@ -108,6 +109,7 @@ class R3VLmms(lmms):
         top_k: int = 50,
         max_new_tokens: int = 384,
         seed: int = 0,
+        select_max_new_tokens: int | None = None,
         chunk_size: int = 16,
         trust_remote_code: bool = False,
         device: str | None = None,
@@ -147,8 +149,9 @@ class R3VLmms(lmms):
 
         if isinstance(selector, str):
             selector_cls = selectors.get(selector)
-            accepts_seed = "seed" in inspect.signature(selector_cls).parameters
-            self.selector = selector_cls(seed=self.seed) if accepts_seed else selector_cls()
+            wanted = {"seed": self.seed, "max_new_tokens": select_max_new_tokens}
+            accepted = inspect.signature(selector_cls).parameters
+            self.selector = selector_cls(**{k: int(v) for k, v in wanted.items() if k in accepted and v is not None})
         else:
             self.selector = selector
 
@@ -175,13 +178,13 @@ class R3VLmms(lmms):
             chunk = range(start, min(start + self.chunk_size, len(examples)))
             sampling = Sampling(**{**self.sampling.to_dict(), "seed": chunk_seed(self.seed, start // self.chunk_size)})
             outputs = self.backend.generate([prompts[i] for i in chunk], sampling)
-            for i, completions in zip(chunk, outputs):
+            for i, completions in zip(chunk, outputs, strict=True):
                 candidates[examples[i].id] = [
                     self._sample(examples[i], k, completion, sampling) for k, completion in enumerate(completions)
                 ]
         choices = self._select(examples, candidates)
         results = []
-        for request, example, choice in zip(requests, examples, choices):
+        for request, example, choice in zip(requests, examples, choices, strict=True):
             result = self._result(example, candidates[example.id], choice)
             self.cache_hook.add_partial("generate_until", request.args[:2], result)
             results.append(result)

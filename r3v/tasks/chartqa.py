@@ -85,6 +85,18 @@ def _canonical_number(value: float) -> str:
     return repr(value)
 
 
+def flag(name: str, value: bool | str) -> bool:
+    """A boolean option, also given as text ("true"/"false", "1"/"0", "yes"/"no") as ``--task-arg`` passes it."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise ValueError(f"{name} must be true or false, not {value!r}")
+
+
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_bytes().decode("utf-8"))
@@ -96,18 +108,24 @@ def _read_json(path: Path) -> Any:
         raise DataError(f"not valid JSON: {exc}", path=path) from exc
 
 
-def _text(record: dict, key: str, where: dict) -> str:
-    if key not in record:
-        raise DataError(f"missing field {key!r}", **where)
+def _present(record: dict, keys: tuple[str, ...], where: dict) -> str:
+    """The first of ``keys`` (a field and its alias in the other schema) that ``record`` has."""
+    for key in keys:
+        if key in record:
+            return key
+    raise DataError(f"missing field {' or '.join(repr(k) for k in keys)}", **where)
+
+
+def _text(record: dict, keys: tuple[str, ...], where: dict) -> str:
+    key = _present(record, keys, where)
     if not isinstance(record[key], str):
         raise DataError(f"field {key!r} should be str, got {type(record[key]).__name__}", **where)
     return record[key]
 
 
-def _labels(record: dict, key: str, where: dict) -> list[str]:
+def _labels(record: dict, keys: tuple[str, ...], where: dict) -> list[str]:
     """A gold label: a string (official files, lmms-lab) or a non-empty list of strings (HuggingFaceM4)."""
-    if key not in record:
-        raise DataError(f"missing field {key!r}", **where)
+    key = _present(record, keys, where)
     value = record[key]
     if isinstance(value, str):
         return [value]
@@ -150,25 +168,27 @@ class ChartQA:
         subset: str = "human",
         relaxed: bool = False,
         hf_dataset: str | None = DEFAULT_HUB,
-        hf_kwargs: dict[str, Any] | None = None,
+        cache_dir: str | None = None,
         skip_bad: bool = False,
         check_images: bool = True,
         allow_outside_paths: bool = False,
     ) -> None:
         """``subset``: human | augmented | both. ``relaxed``: pix2struct relaxed accuracy instead of R3V's rule.
-        ``hf_dataset``: hub id or local parquet/json file, used when no data dir is given;
-        ``hf_kwargs`` go to ``datasets.load_dataset`` (e.g. ``cache_dir``, ``revision``).
+        ``hf_dataset``: hub id or local parquet/json file, used when no data dir is given ("" for none);
+        ``cache_dir``: the ``datasets`` cache for it.
         ``skip_bad``: skip malformed records (listed in ``bad_records``) instead of raising.
+        ``check_images``: a record whose chart file is missing counts as malformed.
+        Flags also accept "true"/"false", as ``r3v score --task-arg`` passes them.
         """
         if subset not in (*SUBSETS, "both"):
             raise ValueError(f"chartqa subset must be human, augmented or both, not {subset!r}")
         self.subset = subset
-        self.relaxed = relaxed
-        self.hf_dataset = hf_dataset
-        self.hf_kwargs = dict(hf_kwargs or {})
-        self.skip_bad = skip_bad
-        self.check_images = check_images
-        self.allow_outside_paths = allow_outside_paths
+        self.relaxed = flag("relaxed", relaxed)
+        self.hf_dataset = hf_dataset or None
+        self.cache_dir = cache_dir
+        self.skip_bad = flag("skip_bad", skip_bad)
+        self.check_images = flag("check_images", check_images)
+        self.allow_outside_paths = flag("allow_outside_paths", allow_outside_paths)
         self.bad_records: list[str] = []
 
     @property
@@ -208,10 +228,17 @@ class ChartQA:
     def example_from_record(
         self, record: dict, index: int, data_dir: str | Path | None = None, split: str = "test"
     ) -> Example:
-        """One official record (``imgname``, ``query``, ``label``; ``source`` human/augmented if known)."""
-        source = record.get("source", "human") if isinstance(record, dict) else "human"
-        if source not in SUBSETS:
-            raise DataError(f"source should be human or augmented, got {source!r}", record=f"index {index}")
+        """One official record (``imgname``, ``query``, ``label``), or one in lmms-lab's names
+        (``question``, ``answer``, ``type``). ``source`` (human/augmented) or ``type`` set the part;
+        human when neither is given, as R3V scores test_human.
+        """
+        where = {"path": None, "record": f"index {index}"}
+        if not isinstance(record, dict):
+            raise DataError(f"expected a JSON object, got {type(record).__name__}", **where)
+        raw = record.get("source", record.get("type", "human"))
+        source = _lmms_source(raw)
+        if source is None:
+            raise DataError(f"source should be human or augmented, got {raw!r}", **where)
         return self._build(record, index, source, Path(data_dir) if data_dir else None, split, None)
 
     def _build(
@@ -220,15 +247,17 @@ class ChartQA:
         where = {"path": path, "record": f"index {index}"}
         if not isinstance(record, dict):
             raise DataError(f"expected a JSON object, got {type(record).__name__}", **where)
-        imgname = _text(record, "imgname", where)
-        labels = _labels(record, "label", where)
+        question = _text(record, ("query", "question"), where)
+        labels = _labels(record, ("label", "answer"), where)
+        # scoring needs no chart, so a record without a data dir may leave the image name out
+        imgname = _text(record, ("imgname",), where) if root is not None or "imgname" in record else ""
         images = []
         if root is not None:
             image = safe_path(root, f"{split}/png/{imgname}", self.allow_outside_paths, record=where["record"])
             if self.check_images and not image.is_file():
                 raise DataError(f"image file not found: {image}", path=image, record=where["record"])
             images.append(str(image))
-        return self._example(f"{source}-{index}", _text(record, "query", where), labels, images, source, imgname)
+        return self._example(f"{source}-{index}", question, labels, images, source, imgname)
 
     def _example(self, id_: str, query: str, labels: list[str], images: list, source: str, imgname: str) -> Example:
         return Example(
@@ -247,7 +276,7 @@ class ChartQA:
 
         name = self.hf_dataset
         try:
-            data = load_hub_split(name, split, **self.hf_kwargs)
+            data = load_hub_split(name, split, cache_dir=self.cache_dir)
         except Exception as exc:  # offline, unknown id, missing split: one clear input error
             raise DataError(f"cannot load {name!r} split {split!r}: {exc}", path=name) from exc
         columns = set(data.column_names)
@@ -275,15 +304,15 @@ class ChartQA:
             if source is None:
                 self._bad(DataError(f"unknown question source {raw_source!r}", **where))
                 continue
-            # numbered per source, like the official files, whose order the hub copies keep
+            # numbered per source as the official files are; ids match them where the hub copy keeps their order
             number = seen[source]
             seen[source] += 1
             if source not in self._wanted:
                 continue
             try:
                 row = data[row_index]
-                labels = _labels(row, label_key, where)
-                question = _text(row, question_key, where)
+                labels = _labels(row, (label_key,), where)
+                question = _text(row, (question_key,), where)
                 image = hub_image(row["image"], where)
             except DataError as exc:
                 self._bad(exc)
@@ -337,7 +366,7 @@ def _m4_source(value: Any) -> str | None:
 
 
 def _lmms_source(value: Any) -> str | None:
-    # lmms-lab/ChartQA: "human_test" / "augmented_test"
+    # lmms-lab/ChartQA: "human_test" / "augmented_test" (also plain "human" / "augmented")
     if isinstance(value, str):
         for source in SUBSETS:
             if value.startswith(source):

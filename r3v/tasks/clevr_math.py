@@ -52,6 +52,18 @@ def extract_number(text: str) -> str | None:
     return match.group(1) if match else None
 
 
+def flag(name: str, value: bool | str) -> bool:
+    """A boolean option, also given as text ("true"/"false", "1"/"0", "yes"/"no") as ``--task-arg`` passes it."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise ValueError(f"{name} must be true or false, not {value!r}")
+
+
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_bytes().decode("utf-8"))
@@ -73,10 +85,11 @@ def _text(record: dict, keys: tuple[str, ...], where: dict) -> str:
     raise DataError(f"missing field {' or '.join(repr(k) for k in keys)}", **where)
 
 
-def _gold(record: dict, key: str, where: dict) -> str:
+def _gold(record: dict, keys: tuple[str, ...], where: dict) -> str:
     """The gold count as the decimal string R3V compares against: an int, or a string of digits."""
-    if key not in record:
-        raise DataError(f"missing field {key!r}", **where)
+    key = next((k for k in keys if k in record), None)
+    if key is None:
+        raise DataError(f"missing field {' or '.join(repr(k) for k in keys)}", **where)
     value = record[key]
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
@@ -114,21 +127,23 @@ class ClevrMath:
         self,
         hf_dataset: str | None = DEFAULT_HUB,
         hf_config: str | None = "general",
-        hf_kwargs: dict[str, Any] | None = None,
+        cache_dir: str | None = None,
         skip_bad: bool = False,
         check_images: bool = True,
         allow_outside_paths: bool = False,
     ) -> None:
-        """``hf_dataset``: hub id or local parquet/json file, used when no data dir is given; ``hf_config``:
-        its configuration (ignored for a local file); ``hf_kwargs`` go to ``datasets.load_dataset``.
+        """``hf_dataset``: hub id or local parquet/json file, used when no data dir is given ("" for none);
+        ``hf_config``: its configuration (ignored for a local file); ``cache_dir``: the ``datasets`` cache.
         ``skip_bad``: skip malformed records (listed in ``bad_records``) instead of raising.
+        ``check_images``: a record whose image file is missing counts as malformed.
+        Flags also accept "true"/"false".
         """
-        self.hf_dataset = hf_dataset
-        self.hf_config = hf_config
-        self.hf_kwargs = dict(hf_kwargs or {})
-        self.skip_bad = skip_bad
-        self.check_images = check_images
-        self.allow_outside_paths = allow_outside_paths
+        self.hf_dataset = hf_dataset or None
+        self.hf_config = hf_config or None
+        self.cache_dir = cache_dir
+        self.skip_bad = flag("skip_bad", skip_bad)
+        self.check_images = flag("check_images", check_images)
+        self.allow_outside_paths = flag("allow_outside_paths", allow_outside_paths)
         self.bad_records: list[str] = []
 
     def _bad(self, error: DataError) -> None:
@@ -174,7 +189,8 @@ class ClevrMath:
         return examples
 
     def example_from_record(self, record: dict, index: int, data_dir: str | Path | None = None) -> Example:
-        """One record with ``question`` and ``answer`` (image fields are used when ``data_dir`` is given)."""
+        """One record with ``question`` and ``answer`` (or the hub's ``label``); its image field is used
+        when ``data_dir`` is given (R3V layout)."""
         root = Path(data_dir) if data_dir else None
         return self._build(record, index, root, "test", "clevr_math_imgs", None)
 
@@ -185,8 +201,8 @@ class ClevrMath:
         if not isinstance(record, dict):
             raise DataError(f"expected a JSON object, got {type(record).__name__}", **where)
         question = _text(record, ("question",), where)
-        answer = _gold(record, "answer", where)
-        template = record.get("template_filename")
+        answer = _gold(record, ("answer", "label"), where)
+        template = record.get("template_filename", record.get("template"))
         images = []
         if root is not None:
             filename = _text(record, ("filename", "image", "image_filename"), where)
@@ -216,7 +232,7 @@ class ClevrMath:
         name = self.hf_dataset
         if name == DEFAULT_HUB and split != "test":
             raise DataError(f"{DEFAULT_HUB} has only a test split; use --data-dir for {split!r}")
-        kwargs = dict(self.hf_kwargs)
+        kwargs: dict[str, Any] = {"cache_dir": self.cache_dir}
         if self.hf_config and not Path(name).exists():
             kwargs["name"] = self.hf_config
         try:
@@ -238,7 +254,7 @@ class ClevrMath:
                     id=str(index),
                     task=self.name,
                     question=_text(row, ("question",), where),
-                    answer=_gold(row, "label", where),
+                    answer=_gold(row, ("label",), where),
                     images=[hub_image(row["image"], where)],
                     metadata={"template": _template_name(row.get("template"))},
                 )
@@ -273,8 +289,9 @@ class ClevrMath:
         return answer is not None and answer == str(example.answer)
 
 
-def _template_name(value: Any) -> str:
-    # CLEVR-Math names the template by its file ("subtraction.json"); the hub copy drops ".json"
+def _template_name(value: Any) -> str | None:
+    # CLEVR-Math names the template by its file ("subtraction.json"); the hub copy drops ".json".
+    # R3V's files have none: None keeps those questions out of the per-template breakdown.
     if isinstance(value, str) and value:
         return value[:-5] if value.endswith(".json") else value
-    return "unknown"
+    return None

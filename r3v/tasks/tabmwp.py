@@ -176,6 +176,18 @@ def _field(record: dict, key: str, kinds: tuple[type, ...], where: dict, optiona
     return value
 
 
+def flag(name: str, value: bool | str) -> bool:
+    """A boolean option, also given as text ("true"/"false", "1"/"0", "yes"/"no") as ``--task-arg`` passes it."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise ValueError(f"{name} must be true or false, not {value!r}")
+
+
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_bytes().decode("utf-8"))
@@ -207,11 +219,12 @@ class TabMWP:
         """``skip_bad``: skip malformed problems (listed in ``bad_records``) instead of raising.
         ``check_images``: a problem whose table image is missing counts as malformed.
         ``unparseable_as_zero``: R3V's mapping of unevaluable numbers to "0" (see module docstring).
+        Flags also accept "true"/"false".
         """
-        self.skip_bad = skip_bad
-        self.check_images = check_images
-        self.allow_outside_paths = allow_outside_paths
-        self.unparseable_as_zero = unparseable_as_zero
+        self.skip_bad = flag("skip_bad", skip_bad)
+        self.check_images = flag("check_images", check_images)
+        self.allow_outside_paths = flag("allow_outside_paths", allow_outside_paths)
+        self.unparseable_as_zero = flag("unparseable_as_zero", unparseable_as_zero)
         self.bad_records: list[str] = []
 
     # ---------------------------------------------------------------- loading
@@ -224,11 +237,11 @@ class TabMWP:
             raise DataError(f"expected a JSON object keyed by pid, got {type(problems).__name__}", path=path)
         self.bad_records = []
         examples: list[Example] = []
-        for index, (pid, problem) in enumerate(problems.items()):
+        for pid, problem in problems.items():
             if limit is not None and len(examples) >= limit:
                 break
             try:
-                examples.append(self._build(problem, pid, index, Path(data_dir), path))
+                examples.append(self._build(problem, pid, Path(data_dir), path))
             except DataError as exc:
                 if not self.skip_bad:
                     raise
@@ -240,9 +253,9 @@ class TabMWP:
         if not isinstance(record, dict):
             raise DataError(f"expected a JSON object, got {type(record).__name__}", record=f"index {index}")
         pid = record.get("pid", str(index))
-        return self._build(record, str(pid), index, Path(data_dir) if data_dir else None, None)
+        return self._build(record, str(pid), Path(data_dir) if data_dir else None, None)
 
-    def _build(self, problem: Any, pid: str, index: int, root: Path | None, path: Path | None) -> Example:
+    def _build(self, problem: Any, pid: str, root: Path | None, path: Path | None) -> Example:
         where = {"path": path, "record": f"pid {pid}"}
         if not isinstance(problem, dict):
             raise DataError(f"expected a JSON object, got {type(problem).__name__}", **where)

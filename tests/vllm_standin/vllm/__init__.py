@@ -80,6 +80,21 @@ class RequestOutput:
     multi_modal_data: dict[str, Any] = field(default_factory=dict)
 
 
+class _EngineCore:
+    """Stands for the V1 engine-core client (a child process in real vLLM)."""
+
+    def __init__(self) -> None:
+        self.running = True
+
+    def shutdown(self) -> None:
+        self.running = False
+
+
+class _LLMEngine:
+    def __init__(self) -> None:
+        self.engine_core = _EngineCore()
+
+
 class LLM:
     def __init__(
         self,
@@ -125,6 +140,7 @@ class LLM:
         self.limit_mm = dict(limit_mm_per_prompt or {"image": 1})
         self.calls: list[dict[str, Any]] = []
         self._next_id = 0
+        self.llm_engine = _LLMEngine()
         ENGINES.append(self)
 
     def generate(
@@ -136,6 +152,8 @@ class LLM:
         lora_request: Any = None,
         **kwargs: Any,
     ) -> list[RequestOutput]:
+        if not self.llm_engine.engine_core.running:
+            raise RuntimeError("engine core is shut down")
         prompts = prompts if isinstance(prompts, list) else [prompts]
         if sampling_params is None:
             sampling_params = SamplingParams()
@@ -144,7 +162,7 @@ class LLM:
             raise ValueError("The lengths of prompts and sampling_params must be the same.")
         if lora_request is not None and not self.init_kwargs["enable_lora"]:
             raise ValueError("LoRA is not enabled! Set enable_lora=True")
-        outputs = [self._answer(prompt, p, lora_request) for prompt, p in zip(prompts, params)]
+        outputs = [self._answer(prompt, p, lora_request) for prompt, p in zip(prompts, params, strict=True)]
         self.calls.append({"prompts": prompts, "params": params, "lora_request": lora_request, "outputs": outputs})
         return outputs
 

@@ -1,0 +1,97 @@
+"""``r3v-clevr-base``: the built-in base model for ``clevr-synth``, trained from scratch.
+
+A tiny ``Qwen2VLForConditionalGeneration`` (about 0.6M parameters) is built from a config with a
+fixed seed, then trained briefly on clevr-synth's train split: direct-answer QA plus a share of
+the programmatic teacher's rationales. It stops at a weak chain-of-thought level, like the
+paper's starting point: it errs often, but among several samples it is often right. That is
+the regime where learning from its own rationales can help.
+
+The weights ship inside the package (``r3v/models/r3v-clevr-base``, a few MB), so the main job
+spends no time on them. ``python -m r3v.models.base_model`` rebuilds them, deterministically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from r3v.models.tiny import build_tiny_model, cache_root
+
+NAME = "r3v-clevr-base"
+SHIPPED = Path(__file__).resolve().parent / NAME
+#: What the shipped weights were built with; the defaults of ``build_base_model``.
+RECIPE = {"seed": 0, "qa_items": 2000, "cot_items": 400, "epochs": 1.0, "learning_rate": 3e-3, "batch_size": 32}
+
+
+def base_model_path() -> Path:
+    """The shipped base model, or (in a source tree without it) one built once into the cache."""
+    if (SHIPPED / "config.json").exists():
+        return SHIPPED
+    cached = cache_root() / "models" / f"{NAME}-seed{RECIPE['seed']}"
+    if not (cached / "r3v_base.json").exists():
+        build_base_model(cached)
+    return cached
+
+
+def build_base_model(out: str | Path, **overrides) -> Path:
+    """Build the base model into ``out`` (atomically: a temp folder, then a rename)."""
+    from r3v.records import TrainItem
+    from r3v.tasks.clevr_synth import ClevrSynth
+    from r3v.train import TrainConfig, train
+
+    recipe = {**RECIPE, **overrides}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        scratch = build_tiny_model("tiny-qwen2-vl", work / "scratch", seed=recipe["seed"])
+        task = ClevrSynth()
+        examples = task.load("train", limit=recipe["qa_items"])
+        items = [
+            TrainItem("qa", ex.id, task.qa_prompt(ex), task.answer_line(ex.answer, ex)) for ex in examples
+        ] + [
+            TrainItem("distill", ex.id, task.cot_prompt(ex), task.teacher_rationale(ex))
+            for ex in examples[: recipe["cot_items"]]
+        ]
+        config = TrainConfig.tiny()
+        config.lora = False
+        config.epochs = recipe["epochs"]
+        config.learning_rate = recipe["learning_rate"]
+        config.batch_size = recipe["batch_size"]
+        config.grad_accum = 1
+        config.seed = recipe["seed"]
+        result = train(str(scratch), items, {ex.id: ex for ex in examples}, config, work / "trained", resume=False)
+        final = work / "final"
+        final.mkdir()
+        for file in Path(result.output_path).iterdir():
+            if file.is_file() and not file.name.startswith(("r3v_train", "training_args", "trainer_state")):
+                shutil.copy2(file, final / file.name)
+        for file in scratch.iterdir():
+            if file.is_file() and not (final / file.name).exists() and file.name != "r3v_tiny.json":
+                shutil.copy2(file, final / file.name)
+        (final / "r3v_base.json").write_text(
+            json.dumps({"name": NAME, "recipe": recipe, "train_losses": result.losses, "steps": result.steps}, indent=2)
+        )
+        if out.exists():
+            shutil.rmtree(out)
+        final.rename(out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Rebuild the built-in r3v-clevr-base model.")
+    parser.add_argument("--out", default=str(SHIPPED))
+    parser.add_argument("--epochs", type=float, default=RECIPE["epochs"])
+    parser.add_argument("--cot-items", type=int, default=RECIPE["cot_items"])
+    args = parser.parse_args()
+    path = build_base_model(args.out, epochs=args.epochs, cot_items=args.cot_items)
+    print(path)
+
+
+if __name__ == "__main__":
+    main()

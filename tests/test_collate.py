@@ -1,0 +1,211 @@
+"""The training collator on the tiny models: completion-only labels, multimodal inputs, truncation."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+
+import pytest
+import torch
+
+from r3v.backends.base import Request
+from r3v.collate import (
+    OBJECTIVES,
+    CompletionCollator,
+    ItemDataset,
+    LengthGroupedSampler,
+    encode_item,
+    end_of_turn,
+)
+from r3v.errors import DataError
+from r3v.models.batching import encode
+from r3v.models.loading import load_model
+from r3v.prompts import refine_prompt, select_prompt
+from r3v.records import TrainItem
+
+MODELS = ["tiny_qwen", "tiny_llava"]
+
+
+@pytest.fixture(scope="module")
+def loaded(request):
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = load_model(request.getfixturevalue(name))
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def examples(clevr_task):
+    return clevr_task.load("train", limit=4)
+
+
+def mixed_items(task, examples) -> list[TrainItem]:
+    first, second, third, fourth = examples
+    return [
+        TrainItem("qa", first.id, task.qa_prompt(first), task.answer_line(first.answer, first)),
+        TrainItem("cot", second.id, task.cot_prompt(second), task.teacher_rationale(second)),
+        TrainItem("refine", third.id, refine_prompt(task, third, "There are 2 objects.\nAnswer: 2"),
+                  task.teacher_rationale(third)),
+        TrainItem("select", fourth.id, select_prompt(task, fourth, ["Answer: 1", "Answer: 3", "Answer: 0"]),
+                  str(fourth.answer)),
+    ]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_labels_cover_exactly_the_target_and_the_end_of_turn(name, loaded, clevr_task, examples):
+    lm = loaded(name)
+    tokenizer = lm.processor.tokenizer
+    example = examples[1]
+    prompt, target = clevr_task.cot_prompt(example), clevr_task.teacher_rationale(example)
+    images = example.load_images()
+    features, status = encode_item(lm.processor, prompt, target, images, end_of_turn(lm.processor), 2048)
+    assert status == "ok"
+
+    labelled = features["labels"] != -100
+    assert tokenizer.decode(features["input_ids"][labelled]) == target + "<|im_end|>"
+    assert torch.equal(features["labels"][labelled], features["input_ids"][labelled])
+    # The labelled span is one block at the end; everything before it is the generation prompt,
+    # token for token what the HF backend feeds the model at inference.
+    n_prompt = int((~labelled).sum())
+    assert labelled[n_prompt:].all()
+    backend_text = lm.processor.apply_chat_template(
+        Request.user(prompt, images).messages, add_generation_prompt=True, tokenize=False
+    )
+    assert torch.equal(features["input_ids"][:n_prompt], encode(lm.processor, backend_text, images)["input_ids"])
+
+
+def test_end_of_turn_is_read_from_the_chat_template(loaded):
+    processor = loaded("tiny_qwen").processor
+    assert end_of_turn(processor) == "<|im_end|>"
+
+    other = copy.deepcopy(processor)
+    other.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {% for p in m['content'] %}"
+        "{% if p['type'] == 'text' %}{{ p['text'] }}{% endif %}{% endfor %}<|endoftext|>\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    assert end_of_turn(other) == "<|endoftext|>"
+
+    # A template that closes turns with plain text: the tokenizer's EOS ends the target.
+    other.chat_template = other.chat_template.replace("<|endoftext|>", "")
+    other.tokenizer.eos_token = "<|endoftext|>"
+    assert end_of_turn(other) == "<|endoftext|>"
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_a_collated_batch_carries_every_model_input_and_matches_single_items(name, loaded, clevr_task, examples):
+    lm = loaded(name)
+    items = mixed_items(clevr_task, examples)
+    items[3].images = []  # one text-only item in the batch: it adds no pixel rows
+    dataset = ItemDataset(lm.processor, items, {ex.id: ex for ex in examples}, max_length=2048)
+    features = [dataset[i] for i in range(len(dataset))]
+    batch = CompletionCollator(lm.processor.tokenizer.pad_token_id)(features)
+
+    lengths = [f["input_ids"].shape[0] for f in features]
+    assert batch["input_ids"].shape == (4, max(lengths))
+    assert batch["objective"].tolist() == [OBJECTIVES.index(item.objective) for item in items]
+    for row, length in enumerate(lengths):  # right padding: pads masked, unlabelled
+        assert batch["attention_mask"][row, :length].all() and not batch["attention_mask"][row, length:].any()
+        assert (batch["labels"][row, length:] == -100).all()
+        assert (batch["input_ids"][row, length:] == lm.processor.tokenizer.pad_token_id).all()
+    if name == "tiny_qwen":
+        assert {"mm_token_type_ids", "pixel_values", "image_grid_thw"} <= batch.keys()
+        image_token = lm.model.config.image_token_id
+        assert torch.equal(batch["mm_token_type_ids"] == 1, batch["input_ids"] == image_token)
+        assert batch["image_grid_thw"].shape == (3, 3)
+        patches = int(batch["image_grid_thw"].prod(dim=1).sum())
+        assert batch["pixel_values"].shape[0] == patches
+    else:
+        assert batch["pixel_values"].shape == (3, 3, 56, 56)
+
+    # The batch runs through the model, and each row's logits equal those of the item alone:
+    # padding, pixel order and the multimodal token types are all where the model expects them.
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "objective")}
+    with torch.no_grad():
+        logits = lm.model(**inputs).logits
+        for row, feature in enumerate(features):
+            single = {k: (v[None] if k in inputs and v.dim() == 1 else v) for k, v in feature.items()
+                      if k not in ("labels", "objective")}
+            alone = lm.model(**single).logits[0]
+            assert torch.allclose(logits[row, : lengths[row]], alone, atol=1e-4)
+
+
+def test_over_long_items_lose_target_tokens_never_image_tokens(loaded, clevr_task, examples, caplog):
+    lm = loaded("tiny_qwen")
+    example = examples[0]
+    prompt, target = clevr_task.cot_prompt(example), clevr_task.teacher_rationale(example)
+    images = example.load_images()
+    end = end_of_turn(lm.processor)
+    full, _ = encode_item(lm.processor, prompt, target, images, end, 2048)
+    n_prompt = int((full["labels"] == -100).sum())
+
+    cut, status = encode_item(lm.processor, prompt, target, images, end, n_prompt + 3)
+    assert status == "truncated" and cut["input_ids"].shape[0] == n_prompt + 3
+    assert torch.equal(cut["input_ids"], full["input_ids"][: n_prompt + 3])
+    assert int((cut["labels"] != -100).sum()) == 3
+    image_token = lm.model.config.image_token_id
+    assert int((cut["input_ids"] == image_token).sum()) == int((full["input_ids"] == image_token).sum()) == 16
+
+    assert encode_item(lm.processor, prompt, target, images, end, n_prompt) == (None, "skipped")
+
+    items = [TrainItem("cot", example.id, prompt, target), TrainItem("qa", example.id, "x " * 400, "1")]
+    with caplog.at_level(logging.WARNING, logger="r3v.collate"):
+        dataset = ItemDataset(lm.processor, items, {example.id: example}, max_length=n_prompt + 3)
+    assert len(dataset) == 1 and len(dataset.truncated) == 1 and len(dataset.skipped) == 1
+    assert "item 1 (qa, example train-0)" in dataset.skipped[0]
+    assert "skipped 1 item" in caplog.text and "cut the target of 1 item" in caplog.text
+
+
+def test_bad_items_raise_data_errors_that_name_the_item(loaded, clevr_task, examples):
+    processor = loaded("tiny_qwen").processor
+    by_id = {ex.id: ex for ex in examples}
+    ex = examples[0]
+    cases = [
+        (TrainItem("essay", ex.id, "q", "a"), "unknown item kind 'essay'"),
+        (TrainItem("qa", "train-999", "q", "a"), "example 'train-999' is not among the 4 examples"),
+        (TrainItem("qa", ex.id, "q", "  "), "empty target"),
+        (TrainItem("qa", "warmup-1", "q", "a", images=["/nonexistent/r3v/cat.png"]), "image file not found"),
+    ]
+    for item, message in cases:
+        with pytest.raises(DataError, match=message) as error:
+            ItemDataset(processor, [TrainItem("qa", ex.id, "fine", "1"), item], by_id, max_length=512)
+        assert "item 1" in str(error.value)
+
+
+def test_items_beyond_the_cache_budget_are_encoded_again_identically(loaded, clevr_task, examples):
+    processor = loaded("tiny_qwen").processor
+    items = mixed_items(clevr_task, examples)
+    by_id = {ex.id: ex for ex in examples}
+    cached = ItemDataset(processor, items, by_id, max_length=2048)
+    lazy = ItemDataset(processor, items, by_id, max_length=2048, cache_bytes=0)
+    assert lazy._cache == [None] * 4 and all(f is not None for f in cached._cache)
+    assert cached.lengths == lazy.lengths and cached.items_per_objective() == {"sft": 2, "refine": 1, "select": 1}
+    for i in range(4):
+        a, b = cached[i], lazy[i]
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a)
+
+
+def test_sampler_is_a_seeded_per_epoch_shuffle_that_groups_lengths():
+    rng = random.Random(0)
+    lengths = [rng.randint(10, 400) for _ in range(103)]
+    sampler = LengthGroupedSampler(lengths, batch_size=4, seed=7, block_batches=5)
+    first = list(sampler)
+    assert sorted(first) == list(range(103)) and len(sampler) == 103
+    assert list(sampler) == first
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+    assert list(LengthGroupedSampler(lengths, 4, seed=8, block_batches=5)) != first
+
+    def padded_tokens(order: list[int]) -> int:
+        batches = [order[i : i + 4] for i in range(0, len(order), 4)]
+        return sum(len(b) * max(lengths[i] for i in b) for b in batches)
+
+    plain = LengthGroupedSampler(lengths, 4, seed=7, group_by_length=False)
+    assert padded_tokens(first) < 0.8 * padded_tokens(list(plain))
+    assert max(lengths) in [lengths[i] for i in first[:4]]  # the longest batch runs first

@@ -1,0 +1,172 @@
+"""``r3v train``: one warm-up + one self-training iteration on tiny-qwen2-vl, rerun, refusal, kill and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from r3v.builders import BuildConfig, build_mixture
+from r3v.cli import main
+from r3v.cli.train import method_name, parse_sizes
+from r3v.errors import DataError
+from r3v.loop import check_run_dir
+from r3v.records import Sample, TrainItem, read_jsonl
+from r3v.tasks.clevr_synth import ClevrSynth
+
+ARGS = [
+    "train", "--iterations", "1", "--model", "tiny-qwen2-vl", "--task", "clevr-synth",
+    "--train-limit", "8", "--test-limit", "4", "--max-new-tokens", "32", "--epochs", "1",
+    "--teacher-count", "8", "--chunk-size", "3", "--seed", "7",
+]
+TIMING_FREE = ("timing",)
+
+
+def run_cli(out: Path, *extra: str):
+    return CliRunner().invoke(main, [*ARGS, "--out", str(out), *extra], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_qwen):
+    out = tmp_path_factory.mktemp("loop") / "run"
+    result = run_cli(out)
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+def samples(path: Path) -> list[Sample]:
+    return [Sample.from_dict(r) for r in read_jsonl(path)]
+
+
+def metrics_without_timing(out: Path) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in TIMING_FREE} for row in read_jsonl(out / "metrics.jsonl")]
+
+
+def test_one_iteration_end_to_end(finished_run):
+    out, output = finished_run
+    task = ClevrSynth()
+    train = task.load("train", limit=8)
+    test = task.load("test", limit=4)
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [row["iteration"] for row in rows] == [0, 1]
+    warm, first = rows
+
+    # iteration 0: the warm-up mixture, QA for every question plus the teacher's CoT
+    assert warm["items"] == {"qa": 8, "distill": 8, "cot": 0, "refine": 0, "select": 0}
+    assert warm["items_per_objective"]["sft"] == 16
+    assert warm["select_accuracy"] is None and warm["train_steps"] > 0
+    assert set(warm["train_losses"]) >= {"sft"}
+
+    # iteration 1 sampled every train question 3 times with iteration 0's model
+    drawn = samples(out / "iter1" / "samples.jsonl")
+    assert sorted((s.example_id, s.sample_index) for s in drawn) == sorted((ex.id, j) for ex in train for j in range(3))
+    assert {s.iteration for s in drawn} == {1}
+    assert first["train_samples"]["samples"] == 24
+    by_id = {ex.id: ex for ex in train}
+    for s in drawn:  # each verdict is the task's own scoring of the stored text
+        assert s.correct == task.is_correct(task.extract(s.text, by_id[s.example_id]), by_id[s.example_id])
+
+    # the stored mixture is exactly what the builders make of that pool
+    stored_items = [TrainItem.from_dict(r) for r in read_jsonl(out / "iter1" / "train_items.jsonl")]
+    warm_items = [i for i in stored_items if i.kind in ("qa", "distill")]
+    rebuilt = build_mixture(task, train, drawn, BuildConfig(seed=7), 1, sorted(warm_items, key=repr))
+    assert sorted(map(repr, rebuilt.items)) == sorted(map(repr, stored_items))
+    assert first["items"] == rebuilt.counts
+
+    # evaluation numbers follow from the stored test samples
+    for row, k in ((warm, 0), (first, 1)):
+        greedy = samples(out / f"iter{k}" / "eval" / "greedy.jsonl")
+        assert len(greedy) == 4
+        assert row["test_accuracy"] == pytest.approx(sum(s.correct for s in greedy) / 4)
+    candidates = samples(out / "iter1" / "eval" / "samples.jsonl")
+    assert len(candidates) == 12
+    any_right = {ex.id: any(s.correct for s in candidates if s.example_id == ex.id) for ex in test}
+    assert first["pass_at_n"] == pytest.approx(sum(any_right.values()) / 4)
+    assert 0.0 <= first["select_accuracy"] <= 1.0
+    assert sum(first["select_how"].values()) == 4
+
+    # records: manifest, timing per phase, summary table
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["settings"]["seed"] == 7 and manifest["settings"]["build"]["method"] == "r3v"
+    timing = json.loads((out / "timing.json").read_text())
+    assert set(timing["total"]) == {"loading", "sampling", "scoring", "building", "training", "evaluation"}
+    assert timing["total"]["training"] > 0 and timing["total"]["sampling"] > 0
+    assert all(row["timing"]["training"] > 0 for row in rows)
+    assert "Test@1" in output and "time per phase" in output
+    for k in (0, 1):
+        assert (out / f"iter{k}" / "model" / "r3v_train_done.json").exists()
+
+
+def test_rerun_does_no_new_work(finished_run):
+    out, _ = finished_run
+    before = {p: p.read_bytes() for p in out.rglob("*.jsonl")}
+    result = run_cli(out)
+    assert result.exit_code == 0, result.output
+    assert "already finished" in result.output
+    assert {p: p.read_bytes() for p in out.rglob("*.jsonl")} == before
+
+
+def test_rerun_with_other_settings_is_refused(finished_run):
+    out, _ = finished_run
+    result = CliRunner().invoke(main, [*ARGS, "--out", str(out), "--select-target", "solution"])
+    assert result.exit_code != 0
+    assert "other settings" in result.output and "select_target" in result.output
+
+
+def test_kill_and_resume_matches_uninterrupted_run(finished_run, tmp_path):
+    reference, _ = finished_run
+    out = tmp_path / "killed"
+    command = [sys.executable, "-c", "from r3v.cli import main; main()", *ARGS, "--out", str(out)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    target = out / "iter1" / "samples.jsonl"
+    deadline = time.monotonic() + 120
+    try:
+        while not (target.exists() and target.stat().st_size > 0):
+            assert process.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, "no samples appeared"
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+    assert not (out / "iter1" / "eval" / "results.json").exists()  # it died mid-run
+
+    result = run_cli(out)
+    assert result.exit_code == 0, result.output
+    for name in ("iter1/samples.jsonl", "iter1/train_items.jsonl", "iter1/eval/greedy.jsonl", "iter1/eval/samples.jsonl",
+                 "iter0/eval/greedy.jsonl"):
+        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
+    assert metrics_without_timing(out) == metrics_without_timing(reference)
+
+
+def test_run_dir_guard(tmp_path):
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match="not an r3v train run"):
+        check_run_dir(stranger, {"seed": 0})
+    run = tmp_path / "run"
+    check_run_dir(run, {"seed": 0, "task": "clevr-synth"})
+    check_run_dir(run, {"seed": 0, "task": "clevr-synth"})  # same settings: continue
+    with pytest.raises(DataError, match="seed: 0 -> 1"):
+        check_run_dir(run, {"seed": 1, "task": "clevr-synth"})
+
+
+def test_method_flags_and_sizes():
+    assert method_name("r3v", False, False) == "r3v"
+    assert method_name("r3v", True, False) == "no_refine"
+    assert method_name("r3v", False, True) == "no_select"
+    assert method_name("r3v", True, True) == "star"
+    assert method_name("star", False, False) == "star"
+    assert parse_sizes("2, 3,4,5,6") == (2, 3, 4, 5, 6)
+    import click
+
+    for bad in ("1", "7", "x", ""):
+        with pytest.raises(click.BadParameter):
+            parse_sizes(bad)

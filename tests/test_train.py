@@ -1,0 +1,304 @@
+"""The trainer end to end on the tiny models: losses, LoRA scope, checkpoints, resume, NaN stop, outputs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from r3v.backends.base import Request, Sampling
+from r3v.backends.hf import HFBackend
+from r3v.collate import OBJECTIVES, CompletionCollator, ItemDataset
+from r3v.models.loading import load_model
+from r3v.prompts import refine_prompt, select_prompt
+from r3v.records import TrainItem
+from r3v.train import (
+    DONE_FILE,
+    LOG_FILE,
+    VISION_TOWER_PATTERN,
+    NonFiniteLossError,
+    TrainConfig,
+    TrainResult,
+    objective_token_losses,
+    prepare_model,
+    train,
+)
+
+WEIGHTS = {"sft": 1.0, "refine": 0.5, "select": 2.0}
+
+
+@pytest.fixture(scope="module")
+def data(clevr_task):
+    """Eight items covering the three objectives, one per example."""
+    task = clevr_task
+    examples = task.load("train", limit=8)
+    kinds = ["qa", "cot", "refine", "qa", "select", "cot", "refine", "qa"]
+    items = []
+    for kind, ex in zip(kinds, examples, strict=True):
+        if kind == "qa":
+            items.append(TrainItem(kind, ex.id, task.qa_prompt(ex), task.answer_line(ex.answer, ex)))
+        elif kind == "cot":
+            items.append(TrainItem(kind, ex.id, task.cot_prompt(ex), task.teacher_rationale(ex)))
+        elif kind == "refine":
+            wrong = "There are 9 objects.\nAnswer: 9"
+            items.append(TrainItem(kind, ex.id, refine_prompt(task, ex, wrong), task.teacher_rationale(ex)))
+        else:
+            candidates = ["Answer: 9", task.teacher_rationale(ex), "Answer: 7"]
+            items.append(TrainItem(kind, ex.id, select_prompt(task, ex, candidates), str(ex.answer)))
+    return items, {ex.id: ex for ex in examples}
+
+
+def lora_config(**changes) -> TrainConfig:
+    # 8 items, 4 per micro-batch, 2 micro-batches per step: one optimizer step per epoch.
+    base = TrainConfig(lora_r=4, lora_alpha=8, epochs=2, learning_rate=2e-3, warmup_ratio=0.0,
+                       lr_scheduler="constant", batch_size=4, grad_accum=2, logging_steps=1, loss_weights=WEIGHTS)
+    return replace(base, **changes)
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_qwen, data, tmp_path_factory):
+    items, examples = data
+    out = tmp_path_factory.mktemp("lora")
+    return train(tiny_qwen, items, examples, lora_config(), out), out
+
+
+def read_log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / LOG_FILE).read_text().splitlines()]
+
+
+def adapter_weights(result: TrainResult) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(result.output_path) / "adapter_model.safetensors"))
+
+
+def test_step_loss_is_the_weighted_per_objective_token_sum_over_all_target_tokens(lora_run, tiny_qwen, data):
+    result, out = lora_run
+    items, examples = data
+    first = read_log(out)[0]
+    assert first["step"] == 1 and first["target_tokens"] > 0
+
+    # Independently: the untouched model's own (HF) token-mean loss per objective over all items.
+    # Step 1 sees every item (8 = 4 x 2 micro-batches) with the initial weights (LoRA B starts at 0).
+    lm = load_model(tiny_qwen)
+    dataset = ItemDataset(lm.processor, items, examples, max_length=2048)
+    batch = CompletionCollator(lm.processor.tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))])
+    objective = batch.pop("objective")
+    expected_sum, expected_tokens = 0.0, 0
+    with torch.no_grad():
+        for index, name in enumerate(OBJECTIVES):
+            sub = _rows_with_their_pixels(batch, objective == index)
+            mean = float(lm.model(**sub).loss)
+            tokens = int((sub["labels"][:, 1:] != -100).sum())
+            assert first[f"loss_{name}"] == pytest.approx(mean, rel=1e-5)
+            assert first[f"tokens_{name}"] == tokens
+            expected_sum += WEIGHTS[name] * mean * tokens
+            expected_tokens += tokens
+        assert first["target_tokens"] == expected_tokens
+        assert first["loss"] == pytest.approx(expected_sum / expected_tokens, rel=1e-5)
+
+        # The loss the Trainer back-propagated and logged is that same number.
+        state = json.loads((out / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
+        logged = [entry for entry in state["log_history"] if "loss" in entry]
+        assert logged[0]["loss"] == pytest.approx(first["loss"], rel=1e-5)
+        assert {f"loss_{name}" for name in OBJECTIVES} <= logged[0].keys()
+
+        # With weights all 1 the combination is the plain token mean the model itself computes.
+        labels = batch.pop("labels")
+        logits = lm.model(**batch).logits
+        sums, counts = objective_token_losses(logits, labels, objective)
+        plain = float(lm.model(**batch, labels=labels).loss)
+        assert float(sums.sum() / counts.sum()) == pytest.approx(plain, rel=1e-5)
+
+
+def _rows_with_their_pixels(batch: dict, rows: torch.Tensor) -> dict:
+    """The rows of one objective, with the pixel rows of their own images (Qwen2-VL packs patches)."""
+    patches = batch["image_grid_thw"].prod(dim=1)
+    ends = patches.cumsum(0)
+    keep = torch.cat([torch.arange(int(e - p), int(e)) for e, p, r in zip(ends, patches, rows, strict=True) if r])
+    sub = {k: v[rows] for k, v in batch.items() if k not in ("pixel_values", "image_grid_thw")}
+    sub["pixel_values"] = batch["pixel_values"][keep]
+    sub["image_grid_thw"] = batch["image_grid_thw"][rows]
+    return sub
+
+
+def test_outputs_log_and_result(lora_run, data):
+    result, out = lora_run
+    log = read_log(out)
+    assert [r["step"] for r in log] == [1, 2] and result.steps == 2
+    assert result.is_adapter and Path(result.output_path) == out / "adapter"
+    assert result.items_per_objective == {"sft": 5, "refine": 2, "select": 1}
+    assert result.tokens == sum(r["tokens"] for r in log) and result.target_tokens == 2 * log[0]["target_tokens"]
+    for name in OBJECTIVES:  # token-weighted mean of the per-step losses
+        expected = sum(r[f"loss_{name}"] * r[f"tokens_{name}"] for r in log) / sum(r[f"tokens_{name}"] for r in log)
+        assert result.losses[name] == pytest.approx(expected)
+    done = json.loads((out / DONE_FILE).read_text())
+    assert TrainResult.from_dict(done["result"]) == result
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["settings"]["config"]["loss_weights"] == WEIGHTS and "torch" in manifest["versions"]
+    assert not list(out.glob(".adapter*"))  # no partial final output left behind
+
+
+def test_lora_touches_only_the_language_model(lora_run, tiny_qwen, tiny_llava):
+    result, _ = lora_run
+    saved = adapter_weights(result)
+    assert saved and all("language_model" in k and "lora_" in k for k in saved)
+    assert any(float(v.abs().max()) > 0 for k, v in saved.items() if "lora_B" in k)  # it trained
+
+    for path in (tiny_qwen, tiny_llava):  # LLaVA's CLIP tower has q_proj/k_proj/v_proj too
+        model = prepare_model(load_model(path).model, TrainConfig())
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        assert trainable and all("lora_" in n and "language_model" in n for n in trainable)
+        assert not any(VISION_TOWER_PATTERN.search(n) for n in trainable)
+
+    full = prepare_model(load_model(tiny_qwen).model, TrainConfig(lora=False))
+    frozen = {n for n, p in full.named_parameters() if not p.requires_grad}
+    assert frozen and all(n.startswith("model.visual.") and ".merger." not in n for n in frozen)
+    assert full.get_parameter("model.visual.merger.ln_q.weight").requires_grad
+
+
+def test_trained_adapter_loads_and_generates(lora_run, tiny_qwen, data):
+    result, _ = lora_run
+    items, examples = data
+    example = examples[items[1].example_id]
+    request = Request.user(items[1].prompt, example.load_images())
+    adapted = HFBackend(model=tiny_qwen, adapter=result.output_path)
+    completion = adapted.generate([request], Sampling.greedy_decoding(max_new_tokens=8))[0][0]
+    assert completion.completion_tokens >= 1 and completion.finish_reason in {"stop", "length"}
+    base = load_model(tiny_qwen)
+    inputs = base.processor(text=[adapted.prompt_text(request)], images=request.images, return_tensors="pt")
+    with torch.no_grad():
+        assert not torch.allclose(base.model(**inputs).logits, adapted.loaded.model(**inputs).logits)
+
+
+class Interrupt(Exception):
+    pass
+
+
+class KillAfterSave(TrainerCallback):
+    """Stands in for a kill right after the epoch-1 checkpoint is on disk."""
+
+    def on_save(self, args, state, control, **kwargs):
+        raise Interrupt(f"killed after saving step {state.global_step}")
+
+
+def test_resume_after_a_kill_gives_the_uninterrupted_weights(lora_run, tiny_qwen, data, tmp_path):
+    straight, _ = lora_run
+    items, examples = data
+    out = tmp_path / "killed"
+    with pytest.raises(Interrupt):
+        train(tiny_qwen, items, examples, lora_config(), out, callbacks=[KillAfterSave()])
+    assert not (out / DONE_FILE).exists() and not (out / "adapter").exists()
+    assert (out / "checkpoints" / "checkpoint-1" / "trainer_state.json").exists()
+
+    resumed = train(tiny_qwen, items, examples, lora_config(), out)
+    assert resumed.resumed_from.endswith("checkpoint-1") and resumed.steps == 2
+    assert [r["step"] for r in read_log(out)] == [1, 2]
+    expected, got = adapter_weights(straight), adapter_weights(resumed)
+    assert expected.keys() == got.keys()
+    assert all(torch.allclose(expected[k], got[k], atol=1e-6) for k in expected)
+    assert resumed.losses == pytest.approx(straight.losses, rel=1e-6)
+
+    # A one-epoch run, then the same run asked for two epochs, continues from its checkpoint.
+    extended = tmp_path / "extended"
+    one = train(tiny_qwen, items, examples, lora_config(epochs=1), extended)
+    assert one.steps == 1
+    two = train(tiny_qwen, items, examples, lora_config(epochs=2), extended)
+    assert two.resumed_from.endswith("checkpoint-1") and two.steps == 2
+    assert all(torch.allclose(expected[k], adapter_weights(two)[k], atol=1e-6) for k in expected)
+
+    # A finished run is not trained again; other items in the same folder are refused.
+    log_before = (out / LOG_FILE).read_text()
+    assert train(tiny_qwen, items, examples, lora_config(), out) == resumed
+    assert (out / LOG_FILE).read_text() == log_before
+    with pytest.raises(ValueError, match="checkpoints of a different run"):
+        train(tiny_qwen, items[:4], examples, lora_config(), out)
+
+
+class PoisonWeight(TrainerCallback):
+    """Writes a NaN into one trainable weight at the end of optimizer step ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.step:
+            weight = next(p for p in model.parameters() if p.requires_grad)
+            with torch.no_grad():
+                weight.view(-1)[0] = float("nan")
+
+
+@pytest.mark.parametrize(
+    ("what", "poison_step", "caught_at", "kept", "logged"),
+    [
+        # 4 items, 2 per step: two steps per epoch; NaN weights after step 3 give a NaN loss in step 4.
+        ("loss", 3, 4, "checkpoint-2", [1, 2, 3]),
+        # 8 items in one step per epoch: NaN weights after step 1 would be the epoch's checkpoint.
+        ("weight", 1, 1, None, [1]),
+    ],
+)
+def test_nonfinite_values_stop_training_and_keep_the_last_good_checkpoint(
+    what, poison_step, caught_at, kept, logged, tiny_qwen, data, tmp_path
+):
+    items, examples = data
+    if what == "loss":
+        items, config = items[:4], lora_config(batch_size=2, grad_accum=1)
+    else:
+        config = lora_config()
+    with pytest.raises(NonFiniteLossError, match=f"non-finite {what} at optimizer step {caught_at}") as error:
+        train(tiny_qwen, items, examples, config, tmp_path, callbacks=[PoisonWeight(poison_step)])
+    assert error.value.step == caught_at
+    assert not (tmp_path / DONE_FILE).exists() and not (tmp_path / "adapter").exists()
+    checkpoints = sorted(p.name for p in (tmp_path / "checkpoints").glob("checkpoint-*"))
+    if kept is None:  # the poisoned weights were never written
+        assert checkpoints == [] and error.value.last_checkpoint is None
+    else:
+        assert checkpoints == [kept] and error.value.last_checkpoint.endswith(kept)
+        saved = load_file(str(tmp_path / "checkpoints" / kept / "adapter_model.safetensors"))
+        assert all(torch.isfinite(v).all() for v in saved.values())
+        assert f"last good checkpoint: {error.value.last_checkpoint}" in str(error.value)
+    assert [r["step"] for r in read_log(tmp_path)] == logged
+
+
+def test_full_fine_tuning_lowers_the_loss_and_saves_a_loadable_model(tiny_qwen, data, tmp_path):
+    items, examples = data
+    config = replace(TrainConfig.tiny(), epochs=4, batch_size=4, logging_steps=4)
+    result = train(tiny_qwen, items, examples, config, tmp_path)
+    assert not result.is_adapter and result.steps == 8
+    assert (tmp_path / "model" / "model.safetensors").exists()
+
+    def mean_loss(path: str) -> float:
+        lm = load_model(path)
+        dataset = ItemDataset(lm.processor, items, examples, max_length=2048)
+        batch = CompletionCollator(lm.processor.tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))])
+        batch.pop("objective")
+        with torch.no_grad():
+            return float(lm.model(**batch).loss)
+
+    before, after = mean_loss(tiny_qwen), mean_loss(result.output_path)
+    assert after < 0.8 * before
+    log = read_log(tmp_path)
+    assert log[-1]["loss"] < log[0]["loss"]
+
+
+def test_config_presets_and_validation():
+    qwen2 = TrainConfig.reference("qwen2-vl")
+    assert (qwen2.lora, qwen2.lora_r, qwen2.lora_alpha, qwen2.global_batch) == (True, 8, 16, 64)
+    assert (qwen2.learning_rate, qwen2.epochs, qwen2.adam_beta2, qwen2.max_length) == (3e-5, 3, 0.98, 2048)
+    assert (TrainConfig.reference("llava").lora_r, TrainConfig.reference("LLaVA-1.5").lora_alpha) == (128, 256)
+    qwen_vl = TrainConfig.reference("qwen-vl")
+    assert (qwen_vl.lora_r, qwen_vl.lora_alpha) == (64, 16) and "c_attn" in qwen_vl.lora_target
+    assert TrainConfig.for_model("tiny-qwen2-vl") == TrainConfig.tiny()
+    assert TrainConfig.from_dict(qwen2.to_dict()) == qwen2
+    with pytest.raises(ValueError, match="unknown model family"):
+        TrainConfig.reference("gpt-2")
+    with pytest.raises(ValueError, match="unknown objective"):
+        TrainConfig(loss_weights={"dpo": 1.0})
+    with pytest.raises(ValueError, match="batch_size=0"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="unknown TrainConfig field"):
+        TrainConfig.from_dict({"lr": 1.0})
+    assert TrainConfig(loss_weights={"refine": 0.5}).loss_weights == {"sft": 1.0, "refine": 0.5, "select": 1.0}
