@@ -105,8 +105,8 @@ def evaluate_selection(
     - ``accuracy``: selector -> accuracy at the largest k (a fraction in [0, 1]);
     - ``pass_at_k``: k -> unbiased pass@k over each example's samples;
     - ``ladder``: k -> {metric name (``first@k``, ``maj@k``, ``sel@k``, ...): accuracy, ``pass@k``};
-    - ``counts`` / ``counts_by_k``: selector -> {model, skipped, fallback, rule} at the largest k / each k;
-      ``skipped`` and ``fallback`` sum those at the largest k over selectors;
+    - ``counts``: selector -> {model, skipped, fallback, rule} at the largest k; ``counts_by_k``: k -> the
+      same for each k; ``skipped`` and ``fallback``: those at the largest k, summed over selectors;
     - ``breakdown``: accuracy per selector by the task's ``breakdown_keys`` at the largest k;
     - ``items`` (only with ``with_items``): per example, gold and each selector's choice at the largest k.
     """

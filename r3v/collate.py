@@ -156,7 +156,7 @@ class ItemDataset(Dataset):
         self.processor = processor
         self.end_token = end_of_turn(processor)
         self.max_length = max_length
-        self.entries: list[tuple[TrainItem, list[Any]]] = []
+        self.entries: list[tuple[TrainItem, list[Any]]] = []  # (item, image paths or PIL images)
         self.lengths: list[int] = []
         self.objectives: list[int] = []
         self.target_tokens = 0
@@ -177,7 +177,7 @@ class ItemDataset(Dataset):
             size = sum(t.numel() * t.element_size() for t in features.values())
             keep = used + size <= cache_bytes
             used += size if keep else 0
-            self.entries.append((item, images if keep else _image_sources(item, examples)))
+            self.entries.append((item, _image_sources(item, examples)))
             self._cache.append(features if keep else None)
             self.lengths.append(int(features["input_ids"].shape[0]))
             self.objectives.append(objective)

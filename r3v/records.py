@@ -89,6 +89,10 @@ def _known_fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k in names}
 
 
+#: Qwen2-VL's image processor refuses images more elongated than 200:1.
+MAX_ASPECT_RATIO = 200
+
+
 def load_image(image: str | Path | Image.Image, record: str = "?") -> Image.Image:
     """Open an image fully and convert it to RGB, or raise a DataError that names it."""
     if isinstance(image, Image.Image):
@@ -99,9 +103,18 @@ def load_image(image: str | Path | Image.Image, record: str = "?") -> Image.Imag
     try:
         with Image.open(path) as opened:
             opened.load()
-            return opened.convert("RGB")
+            image = opened.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"cannot read image {path}: {exc}", path=path, record=record) from exc
+    width, height = image.size
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        # Qwen2-VL's processor raises deep inside a batch on such images; fail here, by name.
+        raise DataError(
+            f"image {path} is {width}x{height}: aspect ratio above {MAX_ASPECT_RATIO}:1, which VLM processors reject",
+            path=path,
+            record=record,
+        )
+    return image
 
 
 def write_jsonl(path: str | Path, records: list[Any]) -> None:

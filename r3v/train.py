@@ -38,7 +38,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from r3v.collate import OBJECTIVES, CompletionCollator, ItemDataset, LengthGroupedSampler, tokenizer_of
 from r3v.errors import DataError
-from r3v.io import atomic_write_json, atomic_write_text, iter_jsonl, repair_jsonl_tail
+from r3v.io import append_jsonl, atomic_write_json, atomic_write_text, iter_jsonl, repair_jsonl_tail
 from r3v.records import Example, TrainItem
 
 log = logging.getLogger(__name__)
@@ -377,7 +377,7 @@ class ObjectiveTrainer(Trainer):
         self.history.append(record)
         if self.log_path is not None:
             with self.log_path.open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
+                append_jsonl(handle, [record])
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
@@ -447,7 +447,10 @@ def train(
     if not items:
         raise DataError("no training items given")
     resume_key, run_key = _fingerprints(model, items, config, init_adapter)
-    args = _training_args(config, out)  # sets up the distributed state
+    # DDP must look for unused parameters only when a trainable vision part can sit idle: full
+    # fine-tuning with text-only items in the mix (the search costs a graph traversal per step).
+    idle_vision = not config.lora and _has_text_only_items(items, examples)
+    args = _training_args(config, out, find_unused_parameters=idle_vision)  # sets up the distributed state
     state = PartialState()
     done = _read_json(out / DONE_FILE)
     if resume and done and done.get("run_key") == run_key and Path(done["result"]["output_path"]).exists():
@@ -518,7 +521,7 @@ def train(
     return result
 
 
-def _training_args(config: TrainConfig, out: Path) -> TrainingArguments:
+def _training_args(config: TrainConfig, out: Path, find_unused_parameters: bool = False) -> TrainingArguments:
     bf16 = config.bf16 if config.bf16 is not None else bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     args = TrainingArguments(
         output_dir=str(out / CHECKPOINT_DIR),
@@ -541,7 +544,7 @@ def _training_args(config: TrainConfig, out: Path) -> TrainingArguments:
         **_checkpointing_kwargs(config.gradient_checkpointing),
         dataloader_num_workers=config.num_workers,
         dataloader_pin_memory=torch.cuda.is_available(),
-        ddp_find_unused_parameters=False if config.lora else None,
+        ddp_find_unused_parameters=find_unused_parameters,
         remove_unused_columns=False,
         report_to="none",
         disable_tqdm=True,
@@ -555,6 +558,19 @@ def _training_args(config: TrainConfig, out: Path) -> TrainingArguments:
             )
         args.gradient_accumulation_steps = config.global_batch // per_step
     return args
+
+
+def _has_text_only_items(items: list[TrainItem], examples: dict[str, Example]) -> bool:
+    for item in items:
+        if item.images is not None:
+            sources = item.images
+        elif item.example_id in examples:
+            sources = examples[item.example_id].images
+        else:
+            continue  # an unknown example: ItemDataset raises a DataError that names it
+        if not sources:
+            return True
+    return False
 
 
 def _checkpointing_kwargs(enabled: bool) -> dict[str, Any]:
@@ -740,13 +756,19 @@ def main(argv: Sequence[str] | None = None) -> None:
             config = TrainConfig()
         else:
             config = TrainConfig.reference(preset)
-        config = TrainConfig.from_dict({**config.to_dict(), **dict(_parse_setting(s) for s in settings)})
+        try:
+            config = TrainConfig.from_dict({**config.to_dict(), **dict(_parse_setting(s) for s in settings)})
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--set") from exc
         items = []
-        for number, record in enumerate(read_jsonl(items_path), start=1):
-            try:
-                items.append(TrainItem.from_dict(record))
-            except DataError as exc:
-                raise DataError(exc.problem, path=items_path, record=f"line {number}") from exc
+        try:
+            for number, record in enumerate(read_jsonl(items_path), start=1):
+                try:
+                    items.append(TrainItem.from_dict(record))
+                except DataError as exc:
+                    raise DataError(exc.problem, path=items_path, record=f"line {number}") from exc
+        except DataError as exc:
+            raise click.ClickException(str(exc)) from exc
         examples: dict[str, Example] = {}
         if task_name:
             from r3v.registry import tasks
@@ -754,7 +776,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             wanted = {item.example_id for item in items if item.images is None}
             task = tasks.get(task_name)()
             examples = {ex.id: ex for ex in task.load(split, data_dir=data_dir) if ex.id in wanted}
-        result = train(model, items, examples, config, out_dir, resume=not no_resume, init_adapter=init_adapter)
+        try:
+            result = train(model, items, examples, config, out_dir, resume=not no_resume, init_adapter=init_adapter)
+        except (DataError, NonFiniteLossError) as exc:
+            raise click.ClickException(str(exc)) from exc
         click.echo(json.dumps(result.to_dict(), indent=2))
 
     command.main(args=list(argv) if argv is not None else None, prog_name="python -m r3v.train")

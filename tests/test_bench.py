@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,14 @@ from click.testing import CliRunner
 from PIL import Image
 
 from r3v.backends.base import Sampling
-from r3v.bench import BenchConfig, default_out_dir, evaluate_selection, plot_accuracy, run_bench
+from r3v.bench import (
+    BenchConfig,
+    MissingExtraError,
+    default_out_dir,
+    evaluate_selection,
+    plot_accuracy,
+    run_bench,
+)
 from r3v.cli import main
 from r3v.errors import DataError
 from r3v.metrics import pass_at_k
@@ -115,6 +123,15 @@ def test_plot_draws_one_line_per_selector(clevr_task, three, tmp_path):
     png = plot_accuracy(results, tmp_path / "plot" / "accuracy_vs_n.png")
     with Image.open(png) as image:
         assert image.format == "PNG" and image.size[0] > 300 and image.size[1] > 200
+
+
+def test_plot_without_matplotlib_says_which_extra_to_install(clevr_task, three, tmp_path, monkeypatch):
+    samples = [s for ex in three for s in hand_samples(ex, [ex.answer])]
+    results = evaluate_selection(None, clevr_task, three, samples, ks=[1], selector_names=["first"])
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # what an install without matplotlib sees
+    with pytest.raises(MissingExtraError, match=r"r3v\[plot\]"):
+        plot_accuracy(results, tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
 
 
 BENCH = ["bench", "--model", "tiny-qwen2-vl", "--task", "clevr-synth", "--selector", "self-select",

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -55,10 +57,10 @@ def bench(
     from r3v.registry import selectors
 
     quiet_libraries()
-    if n < 1:
-        raise click.BadParameter("must be at least 1", param_hint="--n")
-    if limit is not None and limit < 1:
-        raise click.BadParameter("must be at least 1", param_hint="--limit")
+    for hint, value in (("--n", n), ("--limit", limit), ("--chunk-size", chunk_size),
+                        ("--max-new-tokens", max_new_tokens), ("--select-max-new-tokens", select_max_new_tokens)):
+        if value is not None and value < 1:
+            raise click.BadParameter("must be at least 1", param_hint=hint)
     try:
         ladder = parse_ladder(n_ladder)
     except ValueError as exc:
@@ -79,35 +81,38 @@ def bench(
     }
     out = Path(out_dir) if out_dir else default_out_dir(identity, config)
 
-    task = make_task(task_name)
-    examples = task.load(split, data_dir=data_dir, limit=limit)
-    console.print(f"bench: {len(examples)} questions x N={n} -> {out}")
-    backend = make_backend(backend_name, model, adapter, trust_remote_code)
+    # Libraries may print to stdout while loading, building or training a model (e.g. trainer logs
+    # when a built-in model is first built); stdout is reserved for the table or the JSON.
+    with contextlib.redirect_stdout(sys.stderr):
+        task = make_task(task_name)
+        examples = task.load(split, data_dir=data_dir, limit=limit)
+        console.print(f"bench: {len(examples)} questions x N={n} -> {out}")
+        backend = make_backend(backend_name, model, adapter, trust_remote_code)
 
-    started = time.perf_counter()
-    with Progress(
-        TextColumn("[bold]sampling"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-        TimeRemainingColumn(), console=console,
-    ) as progress:
-        bar = progress.add_task("sampling", total=len(examples), rate="")
-        generated = 0
+        started = time.perf_counter()
+        with Progress(
+            TextColumn("[bold]sampling"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+            TimeRemainingColumn(), console=console,
+        ) as progress:
+            bar = progress.add_task("sampling", total=len(examples), rate="")
+            generated = 0
 
-        def on_chunk(done: int, total: int, new: list) -> None:
-            nonlocal generated
-            generated += len(new)
-            elapsed = max(time.perf_counter() - started, 1e-9)
-            progress.update(bar, completed=done, rate=f"{generated} new samples, {done / elapsed:.2f} items/s")
+            def on_chunk(done: int, total: int, new: list) -> None:
+                nonlocal generated
+                generated += len(new)
+                elapsed = max(time.perf_counter() - started, 1e-9)
+                progress.update(bar, completed=done, rate=f"{generated} new samples, {done / elapsed:.2f} items/s")
 
-        results = run_bench(backend, task, examples, config, out, identity, on_chunk=on_chunk,
-                            log=lambda line: console.print(f"  {line}"))
-    console.print(f"{generated} new samples generated ({results['samples'] - generated} reused)")
+            results = run_bench(backend, task, examples, config, out, identity, on_chunk=on_chunk,
+                                log=lambda line: console.print(f"  {line}"))
+        console.print(f"{generated} new samples generated ({results['samples'] - generated} reused)")
 
-    if plot:
-        try:
-            png = plot_accuracy(results, out / "accuracy_vs_n.png")
-        except MissingExtraError as exc:
-            raise click.ClickException(str(exc)) from exc
-        console.print(f"plot -> {png}")
+        if plot:
+            try:
+                png = plot_accuracy(results, out / "accuracy_vs_n.png")
+            except MissingExtraError as exc:
+                raise click.ClickException(str(exc)) from exc
+            console.print(f"plot -> {png}")
 
     if as_json:
         click.echo(json.dumps(results, indent=2, ensure_ascii=False))
@@ -121,8 +126,8 @@ def render_table(results: dict, chosen: list[str]) -> Table:
     from r3v.metrics import metric_name
 
     shown = ["first", "majority", *[s for s in chosen if s not in ("first", "majority")]]
-    table = Table(title=f"{results['task']} · {results['model']} · {results['examples']} questions, "
-                        f"N={results['n']} samples each")
+    title = f"{results['task']} · {results['model']} · {results['examples']} questions x N={results['n']}"
+    table = Table(title=title, min_width=len(title) + 2)
     table.add_column("k", justify="right")
     for name in shown:
         table.add_column("Test@1" if name == "first" else metric_name(name, "k"), justify="right")

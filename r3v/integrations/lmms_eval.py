@@ -17,7 +17,12 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from lmms_eval.api.model import lmms
+try:
+    from lmms_eval.api.model import lmms
+except ImportError as exc:  # keep the hint: lmms-eval is an optional extra
+    raise ImportError(
+        "r3v's lmms-eval model needs lmms-eval: pip install 'r3v[lmms]' (or the lean install in docs/gpu.md)"
+    ) from exc
 
 from r3v.backends.base import Completion, Request, Sampling
 from r3v.records import Example, Sample, load_image

@@ -1,0 +1,3 @@
+from r3v.cli import main
+
+main()
