@@ -230,6 +230,8 @@ def build_self_items(
         )
     items: list[TrainItem] = []
     stats: Counter = Counter()
+    if not pool:  # iteration 0: nothing sampled yet, nothing to report
+        return BuildResult(items, count_kinds(items), {})
     for example in examples:
         group = pool.get(example.id, [])
         if not group:

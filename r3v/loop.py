@@ -239,8 +239,8 @@ class Loop:
             config.allow_outside_paths,
         )
         if not distill:
-            log(f"[yellow]no distilled CoT for {config.task!r}: the warm-up is QA only. "
-                "Pass --warmup-file (see r3v distill) to give the model worked solutions to start from.[/]")
+            log(f"warning: no distilled CoT for {config.task!r}, so the warm-up is QA only. "
+                "Pass --warmup-file (see r3v distill) to give the model worked solutions to start from.")
         self.warmup = warmup_mixture(self.task, self.train_examples, distill)
         self._backend: Any = None
         self._backend_ref: ModelRef | None = None
@@ -261,7 +261,7 @@ class Loop:
         return self.metrics_rows()
 
     def iteration(self, k: int) -> dict[str, Any]:
-        self.log(f"[bold]iteration {k}[/]" + (" (warm-up)" if k == 0 else ""))
+        self.log(f"iteration {k}" + (" (warm-up)" if k == 0 else ""))
         new_samples = self.sample_phase(k) if k > 0 else []
         pool = self.pool(k)
         build = self.build_phase(k, pool)

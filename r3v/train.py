@@ -34,14 +34,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from r3v.collate import OBJECTIVES, CompletionCollator, ItemDataset, LengthGroupedSampler, tokenizer_of
 from r3v.errors import DataError
 from r3v.io import append_jsonl, atomic_write_json, atomic_write_text, iter_jsonl, repair_jsonl_tail
 from r3v.records import Example, TrainItem
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("r3v.train")  # a fixed name: also when run as __main__
 
 LOG_FILE = "train_log.jsonl"
 MANIFEST_FILE = "manifest.json"
@@ -304,6 +304,7 @@ class ObjectiveTrainer(Trainer):
         self._since_log = torch.zeros(2 * len(OBJECTIVES))
         self._lr = None
         self.add_callback(_StepHooks(self))
+        self.remove_callback(PrinterCallback)  # log lines go to the r3v.train logger instead of stdout
 
     def _get_train_sampler(self, train_dataset=None):
         return self.r3v_sampler
@@ -387,6 +388,9 @@ class ObjectiveTrainer(Trainer):
                     logs[f"loss_{name}"] = float(self._since_log[i] / self._since_log[k + i])
             self._since_log.zero_()
         super().log(logs, start_time)
+        if self.args.should_log:
+            shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in logs.items())
+            log.info("step %d: %s", self.state.global_step, shown)
 
 
 class _StepHooks(TrainerCallback):
@@ -653,6 +657,10 @@ def _prepare_out_dir(out: Path, resume: bool, resume_key: str, model: str, init_
     if not resume:
         shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
         (out / LOG_FILE).unlink(missing_ok=True)
+    elif (out / CHECKPOINT_DIR).is_dir():
+        for folder in (out / CHECKPOINT_DIR).glob("checkpoint-*"):
+            if not (folder / "trainer_state.json").exists():  # a save cut short by a kill
+                shutil.rmtree(folder, ignore_errors=True)
     atomic_write_json(out / STATE_FILE, {"resume_key": resume_key})
     counts = {name: 0 for name in OBJECTIVES}
     for item in items:
@@ -780,7 +788,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             result = train(model, items, examples, config, out_dir, resume=not no_resume, init_adapter=init_adapter)
         except (DataError, NonFiniteLossError) as exc:
             raise click.ClickException(str(exc)) from exc
-        click.echo(json.dumps(result.to_dict(), indent=2))
+        from accelerate import PartialState
+
+        if PartialState().is_main_process:
+            click.echo(json.dumps(result.to_dict(), indent=2))
 
     command.main(args=list(argv) if argv is not None else None, prog_name="python -m r3v.train")
 

@@ -61,6 +61,10 @@ def test_two_gloo_processes_train_like_one_process_with_the_same_global_batch(ti
     assert Path(result["output_path"]) == out / "model" and (out / "model" / "model.safetensors").exists()
     ddp_log = [json.loads(line) for line in (out / LOG_FILE).read_text().splitlines()]
     assert [r["step"] for r in ddp_log] == [1, 2, 3, 4]  # rank 0 alone writes, once per step
+    # The loss each rank back-propagated, averaged over ranks by the Trainer, is the global token mean.
+    state = json.loads((out / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
+    backpropagated = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+    assert backpropagated == pytest.approx([r["loss"] for r in ddp_log], rel=1e-6)
 
     # One process, 2 items per micro-batch, 2 micro-batches per step: the same items per step.
     config = TrainConfig.from_dict({**TrainConfig.tiny().to_dict(), **SETTINGS, "grad_accum": 2})

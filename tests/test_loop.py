@@ -1,4 +1,9 @@
-"""``r3v train``: one warm-up + one self-training iteration on tiny-qwen2-vl, rerun, refusal, kill and resume."""
+"""``r3v train``: a warm-up plus one self-training iteration, rerun, refusal, kill and resume.
+
+The runs use r3v-clevr-base, the shipped tiny Qwen2-VL that already answers clevr-synth
+sometimes: a randomly initialised tiny model is never right, so no self-CoT, self-refine or
+self-select item would ever be built or trained.
+"""
 
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ from r3v.records import Sample, TrainItem, read_jsonl
 from r3v.tasks.clevr_synth import ClevrSynth
 
 ARGS = [
-    "train", "--iterations", "1", "--model", "tiny-qwen2-vl", "--task", "clevr-synth",
+    "train", "--iterations", "1", "--model", "r3v-clevr-base", "--task", "clevr-synth",
     "--train-limit", "8", "--test-limit", "4", "--max-new-tokens", "32", "--epochs", "1",
     "--teacher-count", "8", "--chunk-size", "3", "--seed", "7",
 ]
@@ -34,7 +39,7 @@ def run_cli(out: Path, *extra: str):
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, tiny_qwen):
+def finished_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("loop") / "run"
     result = run_cli(out)
     assert result.exit_code == 0, result.output
@@ -79,6 +84,13 @@ def test_one_iteration_end_to_end(finished_run):
     rebuilt = build_mixture(task, train, drawn, BuildConfig(seed=7), 1, sorted(warm_items, key=repr))
     assert sorted(map(repr, rebuilt.items)) == sorted(map(repr, stored_items))
     assert first["items"] == rebuilt.counts
+    # the run must have exercised every objective, or the checks above prove little
+    assert min(first["items"][kind] for kind in ("cot", "refine", "select")) > 0
+    assert set(first["train_losses"]) == {"sft", "refine", "select"}
+    assert first["items_per_objective"] == {
+        "sft": sum(first["items"][k] for k in ("qa", "distill", "cot")),
+        "refine": first["items"]["refine"], "select": first["items"]["select"],
+    }
 
     # evaluation numbers follow from the stored test samples
     for row, k in ((warm, 0), (first, 1)):
@@ -170,3 +182,28 @@ def test_method_flags_and_sizes():
     for bad in ("1", "7", "x", ""):
         with pytest.raises(click.BadParameter):
             parse_sizes(bad)
+
+
+def test_warmup_only_run_with_an_r3v_warmup_file(shared_fixtures, tmp_path):
+    """--iterations 0 trains the warm-up alone; the distilled CoT comes from R3V's own file format."""
+    import shutil
+
+    from PIL import Image
+
+    warm = tmp_path / "gpt_cot.json"
+    shutil.copy(shared_fixtures / "clevr_math" / "gpt_cot_sample.json", warm)
+    records = json.loads(warm.read_text())
+    for record in records:  # the fixture ships without its CLEVR renders
+        Image.new("RGB", (56, 56), (120, 40, 40)).save(tmp_path / record["image"])
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, [
+        "train", "--iterations", "0", "--model", "r3v-clevr-base", "--train-limit", "4", "--test-limit", "2",
+        "--max-new-tokens", "16", "--epochs", "1", "--warmup-file", str(warm), "--out", str(out),
+    ], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    (row,) = read_jsonl(out / "metrics.jsonl")
+    assert row["items"]["qa"] == 4 and row["items"]["distill"] == len(records)
+    assert row["select_accuracy"] is None and row["train_steps"] > 0
+    distilled = [TrainItem.from_dict(r) for r in read_jsonl(out / "iter0" / "train_items.jsonl") if r["kind"] == "distill"]
+    assert sorted(Path(i.images[0]).name for i in distilled) == sorted(r["image"] for r in records)
+    assert json.loads((out / "run.json").read_text())["settings"]["warmup_file"]["name"] == "gpt_cot.json"

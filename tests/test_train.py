@@ -85,7 +85,7 @@ def adapter_weights(result: TrainResult) -> dict[str, torch.Tensor]:
 
 
 def test_step_loss_is_the_weighted_per_objective_token_sum_over_all_target_tokens(lora_run, tiny_qwen, data):
-    result, out = lora_run
+    _, out = lora_run
     items, examples = data
     first = read_log(out)[0]
     assert first["step"] == 1 and first["target_tokens"] > 0
@@ -202,6 +202,9 @@ def test_resume_after_a_kill_gives_the_uninterrupted_weights(lora_run, tiny_qwen
         train(tiny_qwen, items, examples, lora_config(), out, callbacks=[KillAfterSave()])
     assert not (out / DONE_FILE).exists() and not (out / "adapter").exists()
     assert (out / "checkpoints" / "checkpoint-1" / "trainer_state.json").exists()
+    torn = out / "checkpoints" / "checkpoint-2"  # as if a later kill cut a save short
+    torn.mkdir()
+    (torn / "adapter_model.safetensors").write_bytes(b"half a file")
 
     resumed = train(tiny_qwen, items, examples, lora_config(), out)
     assert resumed.resumed_from.endswith("checkpoint-1") and resumed.steps == 2

@@ -6,6 +6,7 @@ import importlib.util
 from pathlib import Path
 
 import click
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -85,11 +86,11 @@ def method_name(method: str, no_refine: bool, no_select: bool) -> str:
               help="Candidates per self-select item, e.g. 3 (R3V) or 2,3,4,5,6 (for test-time scaling).")
 @click.option("--epochs", type=float, default=None, help="Training epochs [default: the trainer preset].")
 @click.option("--lr", "learning_rate", type=float, default=None, help="Learning rate [default: the trainer preset].")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Per-step batch [default: the trainer preset].")
-@click.option("--grad-accum", type=click.IntRange(min=1), default=None, help="Gradient accumulation steps.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Items per micro-batch [default: the trainer preset].")
+@click.option("--grad-accum", type=click.IntRange(min=1), default=None, help="Micro-batches per optimizer step (overrides the preset's global batch).")
 @click.option("--lora/--full", "lora", default=None, help="LoRA on the language model, or full fine-tuning [default: preset].")
 @click.option("--lora-r", type=click.IntRange(min=1), default=None)
-@click.option("--lora-alpha", type=float, default=None)
+@click.option("--lora-alpha", type=click.IntRange(min=1), default=None)
 @click.option("--max-length", type=click.IntRange(min=16), default=None, help="Token limit per training item.")
 @click.option("--chunk-size", default=32, show_default=True, type=click.IntRange(min=1),
               help="Questions per generate call (and per resume unit).")
@@ -124,8 +125,11 @@ def train(
     overrides = {
         "epochs": epochs, "learning_rate": learning_rate, "batch_size": batch_size, "grad_accum": grad_accum,
         "lora": lora, "lora_r": lora_r, "lora_alpha": lora_alpha, "max_length": max_length,
+        "trust_remote_code": trust_remote_code or None,
     }
     train_config = default_train_config(model)
+    if grad_accum is not None:  # an explicit accumulation replaces the preset's global batch
+        train_config = replace(train_config, global_batch=None)
     train_config = replace(train_config, **{k: v for k, v in overrides.items() if v is not None})
     sampling = Sampling(n=samples_per_iteration, temperature=temperature, top_p=top_p, top_k=top_k,
                         max_new_tokens=max_new_tokens, seed=seed)
@@ -164,10 +168,11 @@ def _percent(value) -> str:
 
 
 def results_table(rows: list[dict], eval_samples: int) -> Table:
-    table = Table(title="R3V iterations (accuracy, %)")
-    for name in ("iter", "Test@1", f"self-select@{eval_samples}", f"majority@{eval_samples}", f"pass@{eval_samples}",
-                 "train pass@n", "items (qa/distill/cot/refine/select)", "losses (sft/refine/select)"):
-        table.add_column(name, justify="right" if name != "items (qa/distill/cot/refine/select)" else "left")
+    n = eval_samples
+    table = Table(title="R3V iterations (accuracy %)", box=box.SIMPLE_HEAD, pad_edge=False,
+                  caption=f"sel/maj: self-select/majority over {n} test samples; train pass: of the iteration's samples")
+    for name in ("iter", "Test@1", f"sel@{n}", f"maj@{n}", f"pass@{n}", "train\npass", "items\ncot/ref/sel", "loss\nsft/ref/sel"):
+        table.add_column(name, justify="right")
     for row in rows:
         items = row["items"]
         losses = row.get("train_losses") or {}
@@ -178,8 +183,8 @@ def results_table(rows: list[dict], eval_samples: int) -> Table:
             _percent(row.get("majority_accuracy")),
             _percent(row.get("pass_at_n")),
             _percent((row.get("train_samples") or {}).get("pass_at_n")),
-            "/".join(str(items.get(kind, 0)) for kind in ("qa", "distill", "cot", "refine", "select")),
-            "/".join("-" if losses.get(o) is None else f"{losses[o]:.3f}" for o in ("sft", "refine", "select")),
+            "/".join(str(items.get(kind, 0)) for kind in ("cot", "refine", "select")),
+            "/".join("-" if losses.get(o) is None else f"{losses[o]:.2f}" for o in ("sft", "refine", "select")),
         )
     return table
 
@@ -192,7 +197,7 @@ def timing_table(out: Path) -> Table | None:
         return None
     summary = json.loads(path.read_text())
     phases = list(summary["total"])
-    table = Table(title="time per phase (s)")
+    table = Table(title="time per phase (s)", box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("iter")
     for phase in phases:
         table.add_column(phase, justify="right")
