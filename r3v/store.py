@@ -138,7 +138,7 @@ def sample_examples(
                         bad.append(str(exc))
             chunk_sampling = Sampling(**{**sampling.to_dict(), "seed": chunk_seed(sampling.seed, chunk_index)})
             outputs = backend.generate(requests, chunk_sampling) if requests else []
-            by_id = {ex.id: (ex, completions) for ex, completions in zip(readable, outputs)}
+            by_id = {ex.id: (ex, completions) for ex, completions in zip(readable, outputs, strict=True)}
             for ex, k in wanted:
                 if ex.id in by_id:
                     completion = by_id[ex.id][1][k]

@@ -5,7 +5,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForImageTextToText, LlavaForConditionalGeneration, Qwen2VLForConditionalGeneration
+from transformers import (
+    AutoModelForImageTextToText,
+    LlavaForConditionalGeneration,
+    Qwen2VLForConditionalGeneration,
+)
 
 from r3v.backends.base import Request
 from r3v.backends.hf import HFBackend

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from transformers import AutoModelForImageTextToText, AutoProcessor
-from transformers.processing_utils import ProcessorMixin
 from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
+from transformers.processing_utils import ProcessorMixin
 
 from r3v.models.tiny import TINY_MODELS, tiny_model_path
 

@@ -180,7 +180,13 @@ def _build_qwen2_vl(path: Path) -> None:
 
 
 def _build_llava(path: Path) -> None:
-    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, Qwen2Config
+    from transformers import (
+        CLIPVisionConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        Qwen2Config,
+    )
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     tokenizer = train_tokenizer(LLAVA_SPECIAL_TOKENS)
