@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import describe_machine  # noqa: E402
+from machine import describe_machine, load_average  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "generation.json"
 REFERENCE_BATCH = 12
@@ -158,6 +158,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from r3v.backends.hf import HFBackend
     from r3v.models.tiny import cache_root
 
+    load_at_start = load_average()
     torch.set_num_threads(args.threads)
     path = build_benchmark_model(cache_root() / "models" / f"bench-qwen2-vl-{IMAGE_PX}px-v{BUILD_VERSION}")
     backend = HFBackend(model=str(path), device="cpu", dtype="float32")
@@ -227,7 +228,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "speedup_tokens_per_s": ratio(summary, "tokens_per_s"),
         "speedup_completions_per_cpu_s": ratio(summary, "completions_per_cpu_s"),
         "speedup_tokens_per_cpu_s": ratio(summary, "tokens_per_cpu_s"),
-        "machine": describe_machine(),
+        "machine": describe_machine(load_at_start),
     }
 
 

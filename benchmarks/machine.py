@@ -9,8 +9,13 @@ from pathlib import Path
 from typing import Any
 
 
-def describe_machine() -> dict[str, Any]:
-    """CPU model, cores, RAM, load, library versions and the date, from /proc where available."""
+def load_average() -> float | None:
+    """The 1-minute load average: other work competing for the cores."""
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
+def describe_machine(load_at_start: float | None = None) -> dict[str, Any]:
+    """CPU model, cores, RAM, load (at the start of the run and now), library versions and the date."""
     import torch
     import transformers
 
@@ -18,7 +23,8 @@ def describe_machine() -> dict[str, Any]:
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
         "ram_gib": _ram_gib(),
-        "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "load_average_1m_at_start": load_at_start,
+        "load_average_1m_at_end": load_average(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),

@@ -3,9 +3,9 @@
 Data: an R3V mixture built by r3v's own builders for clevr-synth questions (direct-answer QA,
 CoT, self-refine and self-select items, so several items share each image), with the images
 scaled to 448 px (256 image tokens). Both arms train LoRA (r 8, alpha 16, dropout 0.05, every
-linear layer of the language model) for one epoch at batch size 8, with the same optimizer,
+linear layer of the language model) for 3 epochs (as R3V does) at batch size 8, with the same optimizer,
 schedule, seed and float32 on CPU, activation checkpointing off in both (TRL turns it on by default);
-both save a checkpoint at the epoch end and the final adapter.
+both save a checkpoint at each epoch end (keeping the last) and the final adapter.
 
 Each arm runs in its own Python process, so its peak RSS is its own; the arms alternate
 (r3v, TRL, then TRL, r3v, ...) so a busy shared machine slows both alike. Time is the wall time
@@ -15,7 +15,7 @@ else runs on the machine); tokens are the non-padding tokens (image, prompt, tar
 model.
 
     .venv/bin/python benchmarks/training.py          # writes benchmarks/results/training.json
-    .venv/bin/python benchmarks/training.py --questions 8 --repeats 1   # quicker
+    .venv/bin/python benchmarks/training.py --questions 4 --repeats 1   # quicker
 
 Needs the ``dev`` extra (``trl``).
 """
@@ -34,10 +34,11 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import describe_machine  # noqa: E402
+from machine import describe_machine, load_average  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "training.json"
 BATCH_SIZE = 8
+EPOCHS = 3  # R3V trains 3 epochs per iteration
 LORA = {"r": 8, "alpha": 16, "dropout": 0.05}
 LORA_TARGET = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 OPTIMIZER = {
@@ -98,7 +99,7 @@ def run_r3v(model_path: str, questions: int, seed: int, out_dir: Path) -> dict[s
         lora_alpha=LORA["alpha"],
         lora_dropout=LORA["dropout"],
         lora_target=LORA_TARGET,
-        epochs=1,
+        epochs=EPOCHS,
         batch_size=BATCH_SIZE,
         grad_accum=1,
         max_length=4096,
@@ -148,7 +149,7 @@ def run_trl(model_path: str, questions: int, seed: int, out_dir: Path) -> dict[s
         output_dir=str(out_dir),
         per_device_train_batch_size=BATCH_SIZE,
         gradient_accumulation_steps=1,
-        num_train_epochs=1,
+        num_train_epochs=EPOCHS,
         learning_rate=OPTIMIZER["learning_rate"],
         warmup_steps=OPTIMIZER["warmup_ratio"],
         lr_scheduler_type=OPTIMIZER["lr_scheduler"],
@@ -233,8 +234,8 @@ def run_arm(name: str, args: argparse.Namespace, model_path: Path) -> dict[str, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--questions", type=int, default=16, help="clevr-synth questions (about 5 items each)")
-    parser.add_argument("--repeats", type=int, default=2, help="runs per arm, alternating")
+    parser.add_argument("--questions", type=int, default=8, help="clevr-synth questions (5 items each)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per arm, alternating")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps timings stable on a shared CPU)")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -249,6 +250,7 @@ def main() -> None:
 
     from r3v.models.tiny import cache_root
 
+    load_at_start = load_average()
     model_path = build_benchmark_model(cache_root() / "models" / f"bench-qwen2-vl-{IMAGE_PX}px-v{BUILD_VERSION}")
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in ARMS}
     for repeat in range(args.repeats):
@@ -282,7 +284,7 @@ def main() -> None:
             "questions": args.questions,
             "items": first["items"],
             "item_kinds": first["item_kinds"],
-            "epochs": 1,
+            "epochs": EPOCHS,
             "batch_size": BATCH_SIZE,
             "lora": {**LORA, "target": LORA_TARGET},
             "optimizer": OPTIMIZER,
@@ -296,7 +298,7 @@ def main() -> None:
         "speedup_tokens_per_s": round(summary["r3v"]["tokens_per_s"] / summary["trl"]["tokens_per_s"], 2),
         "speedup_tokens_per_cpu_s": round(summary["r3v"]["tokens_per_cpu_s"] / summary["trl"]["tokens_per_cpu_s"], 2),
         "peak_rss_ratio": round(summary["r3v"]["peak_rss_mib"] / summary["trl"]["peak_rss_mib"], 2),
-        "machine": describe_machine(),
+        "machine": describe_machine(load_at_start),
     }
     result["machine"]["torch_threads"] = args.threads  # what each arm's process used
     args.out.parent.mkdir(parents=True, exist_ok=True)

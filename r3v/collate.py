@@ -142,7 +142,8 @@ class ItemDataset(Dataset):
     Every item is encoded once up front, to measure it and to drop the ones that do not fit.
     Encodings are kept in memory up to ``cache_bytes``; items past that budget are encoded again
     when the loader asks for them (encoding is deterministic), so large image sets do not have to
-    fit in RAM.
+    fit in RAM. Items with the same images (an R3V mixture has QA, CoT, refine and select items
+    per image) share one copy of the image tensors, which are most of an encoding's size.
     """
 
     def __init__(
@@ -163,6 +164,7 @@ class ItemDataset(Dataset):
         self.truncated: list[str] = []
         self.skipped: list[str] = []
         self._cache: list[dict[str, torch.Tensor] | None] = []
+        shared: dict[tuple, dict[str, torch.Tensor]] = {}  # image tensors of cached items, by image source
         used = 0
         for position, item in enumerate(items):
             record = f"item {position} ({item.kind}, example {item.example_id})"
@@ -174,10 +176,17 @@ class ItemDataset(Dataset):
                 continue
             if status == "truncated":
                 self.truncated.append(record)
-            size = sum(t.numel() * t.element_size() for t in features.values())
+            sources = _image_sources(item, examples)
+            # A path names its file; an in-memory image is the same object while ``entries`` holds it.
+            key = tuple(src if isinstance(src, str) else id(src) for src in sources)
+            reused = shared.get(key, {}) if sources else {}
+            features.update(reused)
+            size = sum(t.numel() * t.element_size() for k, t in features.items() if k not in reused)
             keep = used + size <= cache_bytes
             used += size if keep else 0
-            self.entries.append((item, _image_sources(item, examples)))
+            if keep and sources and not reused:
+                shared[key] = {k: v for k, v in features.items() if k not in SEQUENCE_KEYS}
+            self.entries.append((item, sources))
             self._cache.append(features if keep else None)
             self.lengths.append(int(features["input_ids"].shape[0]))
             self.objectives.append(objective)

@@ -83,10 +83,15 @@ class LoopConfig:
     test_limit: int | None = None
     #: Folder with the task's official files (tasks that are not built in).
     data_dir: str | None = None
+    #: Options for the task's constructor (``--task-arg KEY=VALUE``).
+    task_args: dict[str, Any] = field(default_factory=dict)
+    #: Let the task skip bad records and unreadable images instead of stopping (where it can).
+    skip_bad: bool = False
     #: Distilled CoT file (R3V warm-up JSON or r3v distill JSONL); None uses the task's teacher.
     warmup_file: str | None = None
     #: Where the images named in an R3V warm-up JSON are (default: the file's folder).
     image_root: str | None = None
+    #: Let image paths in data files and the warm-up file point outside their folder.
     allow_outside_paths: bool = False
     #: Questions the task's programmatic teacher writes warm-up CoT for, when no file is given.
     teacher_count: int = 200
@@ -127,6 +132,9 @@ class LoopConfig:
         return {
             "model": self.model,
             "task": self.task,
+            "task_args": self.task_args,
+            "skip_bad": self.skip_bad,
+            "allow_outside_paths": self.allow_outside_paths,
             "build": self.build.to_dict(),
             "train": train_settings,
             "from_base": self.from_base,
@@ -217,15 +225,15 @@ class Loop:
     """One run directory's iterations; ``run()`` does (or finishes) them all."""
 
     def __init__(self, config: LoopConfig, out_dir: str | Path, log: Callable[[str], None] = print,
-                 progress: Progress = _quiet) -> None:
-        from r3v.registry import tasks
+                 progress: Progress = _quiet, task: Any = None) -> None:
+        """``task`` may be passed already built (from ``config``'s task options); else it is built here."""
         from r3v.warmup import distill_items
 
         self.config = config
         self.run_dir = Path(out_dir)
         self.log = log
         self.progress = progress
-        self.task = tasks.get(config.task)()
+        self.task = task if task is not None else build_task(config)
         self.train_config = config.train if config.train is not None else default_train_config(config.model)
         self.train_examples = self.task.load("train", data_dir=config.data_dir, limit=config.train_limit)
         self.test_examples = self.task.load("test", data_dir=config.data_dir, limit=config.test_limit)
@@ -233,11 +241,12 @@ class Loop:
             raise DataError(f"task {config.task!r} gave no train or no test questions")
         self.examples_by_id = {ex.id: ex for ex in self.train_examples}
         self.settings = config.settings(_as_settings(self.train_config))
-        check_run_dir(self.run_dir, self.settings)
         distill = distill_items(
             self.task, self.train_examples, config.warmup_file, config.image_root, config.teacher_count,
             config.allow_outside_paths,
         )
+        # only once the inputs parsed: a bad warm-up file must not pin a new run directory
+        check_run_dir(self.run_dir, self.settings)
         if not distill:
             log(f"warning: no distilled CoT for {config.task!r}, so the warm-up is QA only. "
                 "Pass --warmup-file (see r3v distill) to give the model worked solutions to start from.")
@@ -459,6 +468,9 @@ class Loop:
     def release(self) -> None:
         if self._backend is None:
             return
+        close = getattr(self._backend, "close", None)
+        if close is not None:  # vLLM runs its engine in a child process that must be shut down
+            close()
         self._backend = self._backend_ref = None
         gc.collect()
         try:
@@ -540,9 +552,9 @@ class Loop:
         atomic_write_json(self.iter_dir(k) / "timing.json", current)
 
     def write_timing_summary(self) -> dict[str, Any]:
-        per_iteration = {
-            str(k): self.timing(k) for k in range(self.config.iterations + 1) if (self.iter_dir(k) / "timing.json").exists()
-        }
+        # every iteration on disk, also those past a smaller --iterations given on a rerun
+        done = sorted(int(p.parent.name[4:]) for p in self.run_dir.glob("iter*/timing.json") if p.parent.name[4:].isdigit())
+        per_iteration = {str(k): self.timing(k) for k in done}
         total = {phase: round(sum(t[phase] for t in per_iteration.values()), 3) for phase in PHASES}
         summary = {"iterations": per_iteration, "total": total, "seconds": round(sum(total.values()), 3)}
         if per_iteration:
@@ -583,22 +595,48 @@ def check_run_dir(run_dir: Path, settings: dict[str, Any]) -> None:
     if manifest.exists():
         stored = json.loads(manifest.read_text()).get("settings", {})
         if stored != normalized:
-            changed = sorted(set(stored) | set(normalized), key=str)
-            diffs = [f"{key}: {stored.get(key)!r} -> {normalized.get(key)!r}"
-                     for key in changed if stored.get(key) != normalized.get(key)]
+            before, after = _flatten(stored), _flatten(normalized)
+            diffs = [f"{key}: {before.get(key)!r} -> {after.get(key)!r}"
+                     for key in sorted(set(before) | set(after)) if before.get(key) != after.get(key)]
             raise DataError(
-                "this run directory holds a run with other settings (" + "; ".join(diffs)
-                + "). Rerun with the same settings to continue it, or choose another --out.",
+                f"{run_dir} holds a run with other settings ({'; '.join(diffs)}). "
+                "Rerun with the same settings to continue it, or choose another --out.",
                 path=run_dir,
             )
         return
     if run_dir.exists() and any(run_dir.iterdir()):
-        raise DataError("the folder is not empty and is not an r3v train run (no run.json); choose another --out",
+        raise DataError(f"{run_dir} is not empty and is not an r3v train run (no run.json); choose another --out",
                         path=run_dir)
     atomic_write_json(manifest, run_manifest(normalized))
 
 
+def _flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def build_task(config: LoopConfig) -> Any:
+    """The configured task; ``skip_bad`` / ``allow_outside_paths`` go to tasks whose constructor takes them."""
+    import inspect
+
+    from r3v.registry import tasks
+
+    factory = tasks.get(config.task)
+    accepted = inspect.signature(factory).parameters
+    unknown = sorted(set(config.task_args) - set(accepted))
+    if unknown:
+        raise ValueError(f"task {config.task!r} takes no option {', '.join(unknown)}")
+    options = {"skip_bad": config.skip_bad, "allow_outside_paths": config.allow_outside_paths}
+    kwargs = {key: value for key, value in options.items() if key in accepted}
+    return factory(**{**kwargs, **config.task_args})
+
+
 def run_loop(config: LoopConfig, out_dir: str | Path, log: Callable[[str], None] = print,
-             progress: Progress = _quiet) -> list[dict[str, Any]]:
+             progress: Progress = _quiet, task: Any = None) -> list[dict[str, Any]]:
     """Run (or resume) ``config`` in ``out_dir``; returns one metrics row per iteration."""
-    return Loop(config, out_dir, log=log, progress=progress).run()
+    return Loop(config, out_dir, log=log, progress=progress, task=task).run()

@@ -19,7 +19,7 @@ from r3v.collate import (
     end_of_turn,
 )
 from r3v.errors import DataError
-from r3v.models.batching import encode
+from r3v.models.batching import SEQUENCE_KEYS, encode
 from r3v.models.loading import load_model
 from r3v.prompts import refine_prompt, select_prompt
 from r3v.records import TrainItem
@@ -218,3 +218,35 @@ def test_sampler_is_a_seeded_per_epoch_shuffle_that_groups_lengths():
     plain = LengthGroupedSampler(lengths, 4, seed=7, group_by_length=False)
     assert padded_tokens(first) < 0.8 * padded_tokens(list(plain))
     assert max(lengths) in [lengths[i] for i in first[:4]]  # the longest batch runs first
+
+
+def test_items_with_the_same_image_share_its_tensors(loaded, clevr_task, examples):
+    processor = loaded("tiny_qwen").processor
+    first, second = examples[0], examples[1]
+    items = [
+        TrainItem("qa", first.id, clevr_task.qa_prompt(first), "1"),
+        TrainItem("cot", first.id, clevr_task.cot_prompt(first), clevr_task.teacher_rationale(first)),
+        TrainItem("refine", first.id, refine_prompt(clevr_task, first, "wrong"), clevr_task.teacher_rationale(first)),
+        TrainItem("qa", second.id, clevr_task.qa_prompt(second), "2"),
+    ]
+    by_id = {first.id: first, second.id: second}
+    dataset = ItemDataset(processor, items, by_id, max_length=2048)
+    rows = [dataset[i] for i in range(4)]
+    assert rows[0]["pixel_values"] is rows[1]["pixel_values"] is rows[2]["pixel_values"]
+    assert rows[3]["pixel_values"] is not rows[0]["pixel_values"]
+    # Sharing changes no value: every item equals its fresh encoding.
+    lazy = ItemDataset(processor, items, by_id, max_length=2048, cache_bytes=0)
+    for i, row in enumerate(rows):
+        fresh = lazy[i]
+        assert row.keys() == fresh.keys()
+        assert all(torch.equal(row[k], fresh[k]) if isinstance(row[k], torch.Tensor) else row[k] == fresh[k] for k in row)
+    # The cache budget counts a shared image once: one image plus the three items' text fits.
+    def nbytes(features, keys):
+        return sum(features[k].numel() * features[k].element_size() for k in keys)
+
+    text_keys = [k for k in rows[0] if k in SEQUENCE_KEYS]
+    image_keys = [k for k in rows[0] if k not in SEQUENCE_KEYS and k != "objective"]
+    budget = nbytes(rows[0], image_keys) + sum(nbytes(rows[i], text_keys) for i in range(3))
+    assert budget < 2 * nbytes(rows[0], image_keys)  # without sharing, only one of them would fit
+    tight = ItemDataset(processor, items[:3], by_id, max_length=2048, cache_bytes=budget)
+    assert all(features is not None for features in tight._cache)

@@ -54,6 +54,7 @@ def metrics_without_timing(out: Path) -> list[dict]:
     return [{k: v for k, v in row.items() if k not in TIMING_FREE} for row in read_jsonl(out / "metrics.jsonl")]
 
 
+@pytest.mark.slow
 def test_one_iteration_end_to_end(finished_run):
     out, output = finished_run
     task = ClevrSynth()
@@ -132,6 +133,7 @@ def test_rerun_with_other_settings_is_refused(finished_run):
     assert "other settings" in result.output and "select_target" in result.output
 
 
+@pytest.mark.slow
 def test_kill_and_resume_matches_uninterrupted_run(finished_run, tmp_path):
     reference, _ = finished_run
     out = tmp_path / "killed"
@@ -184,6 +186,7 @@ def test_method_flags_and_sizes():
             parse_sizes(bad)
 
 
+@pytest.mark.slow
 def test_warmup_only_run_with_an_r3v_warmup_file(shared_fixtures, tmp_path):
     """--iterations 0 trains the warm-up alone; the distilled CoT comes from R3V's own file format."""
     import shutil

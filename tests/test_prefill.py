@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from r3v.backends.base import Request, Sampling
-from r3v.backends.hf import HFBackend, decode, prefill, row_seed
+from r3v.backends.hf import HFBackend, decode, prefill, row_seed, supports_shared_prefill
 from r3v.models.batching import collate, encode
 
 # Every token of the vocabulary is a candidate, so samples are varied even on a random model.
@@ -178,3 +178,18 @@ def test_greedy_output_does_not_depend_on_the_token_budget(backend, requests_thr
     finally:
         backend.token_budget = budget
     assert together == alone
+
+
+def test_generate_fallback_agrees_with_the_shared_prefill(backend, requests_three):
+    """Models the loop cannot mirror go through generate; on these models both paths exist."""
+    assert supports_shared_prefill(backend.loaded.model) and backend.shared_prefill
+    plain = HFBackend(model=backend.model_id, loaded=backend.loaded, shared_prefill=False)
+    greedy = Sampling.greedy_decoding(max_new_tokens=8)
+    assert plain.generate(requests_three, greedy) == backend.generate(requests_three, greedy)
+    sampled = plain.generate(requests_three, WIDE)
+    assert [len(cs) for cs in sampled] == [WIDE.n] * len(requests_three)
+    assert plain.generate(requests_three, WIDE) == sampled
+    for completion in (c for cs in sampled for c in cs):
+        assert 1 <= completion.completion_tokens <= WIDE.max_new_tokens
+        if completion.finish_reason == "length":
+            assert completion.completion_tokens == WIDE.max_new_tokens

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from task_helpers import load_error, warmup_turns
 
 from r3v.errors import DataError
 from r3v.records import Example
@@ -81,12 +82,9 @@ def test_missing_files(task, data_copy):
 def test_corrupt_and_wrongly_shaped_files(task, data_copy):
     path = data_copy / "test" / "test_human.json"
     path.write_text('[{"imgname": "bars_a.png", ')
-    with pytest.raises(DataError, match="not valid JSON") as info:
-        task.load("test", data_copy)
-    assert str(path) in str(info.value)
+    assert str(path) in str(load_error(task, "test", data_copy, "not valid JSON"))
     path.write_text('{"imgname": "bars_a.png"}')
-    with pytest.raises(DataError, match="JSON list"):
-        task.load("test", data_copy)
+    load_error(task, "test", data_copy, "JSON list")
 
 
 @pytest.mark.parametrize(
@@ -316,10 +314,8 @@ def test_real_test_human_labels_score_against_themselves(shared_fixtures, tmp_pa
 
 def test_real_warmup_prompts_and_rationales(shared_fixtures):
     """R3V's GPT-distilled ChartQA warm-up: our CoT prompt is theirs, their final answers extract."""
-    records = json.loads((shared_fixtures / "r3v_warmup" / "chartqa_qwenvl_sft_gpt_sample.json").read_text())
     task = ChartQA()
-    for index, record in enumerate(records):
-        prompt, rationale = (turn["value"] for turn in record["conversations"])
+    for index, (record, prompt, rationale) in enumerate(warmup_turns(shared_fixtures, "chartqa_qwenvl_sft_gpt_sample.json")):
         query = prompt.rsplit("\nFirst generate", 1)[0]
         final = rationale.rsplit("Answer:", 1)[1].strip()
         ex = task.example_from_record({"imgname": record["image"], "query": query, "label": final}, index)

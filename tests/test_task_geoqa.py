@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from task_helpers import copy_with_edit
 
 from r3v.errors import DataError
 from r3v.records import Example
@@ -181,12 +182,7 @@ def test_hub_path_via_local_parquet(tmp_path):
 
 
 def _copy(tmp_path: Path, mutate) -> Path:
-    root = tmp_path / "geoQA-data"
-    shutil.copytree(FIXTURES / "geoQA-data", root)
-    rows = json.loads((root / "test.jsonl").read_text())
-    mutate(rows)
-    (root / "test.jsonl").write_text(json.dumps(rows))
-    return root
+    return copy_with_edit(FIXTURES / "geoQA-data", tmp_path / "geoQA-data", "test.jsonl", mutate)
 
 
 @pytest.mark.parametrize(

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from task_helpers import copy_with_edit
 
 from r3v.errors import DataError
 from r3v.registry import tasks
@@ -126,12 +126,7 @@ def test_load_steps_and_history(task):
 
 
 def _copy(tmp_path: Path, mutate) -> Path:
-    root = tmp_path / "miniwob"
-    shutil.copytree(FIXTURES, root)
-    data = json.loads((root / "miniwob_data_train.json").read_text())
-    mutate(data)
-    (root / "miniwob_data_train.json").write_text(json.dumps(data))
-    return root
+    return copy_with_edit(FIXTURES, tmp_path / "miniwob", "miniwob_data_train.json", mutate)
 
 
 @pytest.mark.parametrize(

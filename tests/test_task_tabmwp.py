@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from task_helpers import warmup_turns
 
 from r3v.errors import DataError
 from r3v.records import Example
@@ -323,10 +324,8 @@ _UNIT = re.compile(r" \(Unit: (.+)\)$")
 
 def test_real_warmup_prompts_and_rationales(shared_fixtures):
     """R3V's GPT-distilled TabMWP warm-up: our CoT prompt is theirs, and their answers extract."""
-    records = json.loads((shared_fixtures / "r3v_warmup" / "tabmwp_qwenvl_sft_gpt_sample.json").read_text())
     task = TabMWP()
-    for index, record in enumerate(records):
-        prompt, rationale = (turn["value"] for turn in record["conversations"])
+    for index, (record, prompt, rationale) in enumerate(warmup_turns(shared_fixtures, "tabmwp_qwenvl_sft_gpt_sample.json")):
         head = prompt.rsplit("\nFirst generate", 1)[0]
         question, _, options = head.partition("\nOptions:\n")
         choices = [line[4:] for line in options.split("\n")] if options else None

@@ -16,6 +16,9 @@ Sampling draws from per-row uniforms seeded by (seed, request index, sample inde
 request's completions do not depend on which other requests share its batch. Rows that have
 finished are dropped from the cache once they are a quarter of the batch, so long stragglers do
 not drag the finished rows along.
+
+Models whose ``prepare_inputs_for_generation`` differs from GenerationMixin's (extra inputs the
+loop does not reproduce) fall back to ``generate`` with ``num_return_sequences``.
 """
 
 from __future__ import annotations
@@ -256,12 +259,66 @@ def _advance(model, state: DecodeState, next_tokens: torch.Tensor) -> None:
     state.logits = output.logits[:, -1].float()
 
 
+def supports_shared_prefill(model) -> bool:
+    """Whether ``prefill``/``decode`` reproduce ``generate`` for this model.
+
+    They mirror GenerationMixin's own input preparation; models that override
+    ``prepare_inputs_for_generation`` (Gemma 3, Mllama, PaliGemma, ...) add inputs the loop does
+    not know about, so they go through ``generate`` instead.
+    """
+    from transformers import GenerationMixin
+
+    takes_cache = bool({"cache", "past_key_values"} & _forward_parameters(model))
+    own = type(_base_model(model)).prepare_inputs_for_generation
+    return takes_cache and own is GenerationMixin.prepare_inputs_for_generation
+
+
+def generate_group(
+    model, batch: dict[str, torch.Tensor], sampling: Sampling, seed: int, stop_ids: set[int], pad_token_id: int
+) -> Decoded:
+    """The fallback: HF ``generate`` with ``num_return_sequences`` (prefill repeated N times).
+
+    Seeded from ``seed`` through torch's global generator, so its samples depend on the batch.
+    """
+    n = 1 if sampling.greedy else sampling.n
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": sampling.max_new_tokens,
+        "pad_token_id": pad_token_id,
+        "eos_token_id": sorted(stop_ids),
+    }
+    if sampling.greedy:
+        kwargs.update(do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None)
+    else:
+        kwargs.update(
+            do_sample=True,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k or None,
+            num_return_sequences=n,
+        )
+    torch.manual_seed(seed)
+    output = model.generate(**batch, **kwargs)
+    tokens, finish = [], []
+    for row in output[:, batch["input_ids"].shape[1] :].tolist():
+        cut = next((i + 1 for i, t in enumerate(row) if t in stop_ids), None)
+        tokens.append(row[:cut] if cut else row)
+        finish.append("stop" if cut else "length")
+    return Decoded(tokens=tokens, finish=finish)
+
+
+def batch_seed(seed: int, batch_index: int) -> int:
+    digest = hashlib.sha256(f"{seed}:{batch_index}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
 @backends.register("hf")
 class HFBackend:
     """N completions per request from one shared prefill, over a transformers model.
 
     Prompts are encoded once, sorted by length and grouped by a token budget (prompt plus new
     tokens, times N, summed over a group), so padding stays small and the KV cache bounded.
+    ``shared_prefill=None`` uses the shared prefill where the model supports it
+    (``supports_shared_prefill``) and ``generate`` with ``num_return_sequences`` elsewhere.
     """
 
     def __init__(
@@ -273,6 +330,7 @@ class HFBackend:
         token_budget: int = 16384,
         trust_remote_code: bool = False,
         loaded=None,
+        shared_prefill: bool | None = None,
     ) -> None:
         from r3v.models.loading import load_model
 
@@ -284,6 +342,10 @@ class HFBackend:
         self.token_budget = token_budget
         self.processor = self.loaded.processor
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        supported = supports_shared_prefill(self.loaded.model)
+        if shared_prefill and not supported:
+            raise ValueError(f"{type(self.loaded.model).__name__} does not support the shared prefill")
+        self.shared_prefill = supported if shared_prefill is None else shared_prefill
 
     def prompt_text(self, request: Request) -> str:
         return self.processor.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=False)
@@ -300,14 +362,19 @@ class HFBackend:
         results: list[list[Completion]] = [[] for _ in requests]
         stop_ids = set(self._stop_ids())
         model = self.loaded.model
-        for group in groups:
-            batch = collate([encoded[i] for i in group], self.tokenizer.pad_token_id, padding_side="left")
+        pad = self.tokenizer.pad_token_id
+        for group_index, group in enumerate(groups):
+            batch = collate([encoded[i] for i in group], pad, padding_side="left")
             batch = {k: v.to(self.loaded.device) for k, v in batch.items()}
-            seeds = [row_seed(sampling.seed, i, k) for i in group for k in range(n)]
             with torch.inference_mode():
-                state = prefill(model, batch)
-                state.repeat(n)
-                decoded = decode(model, state, sampling, seeds, stop_ids, self.tokenizer.pad_token_id)
+                if self.shared_prefill:
+                    seeds = [row_seed(sampling.seed, i, k) for i in group for k in range(n)]
+                    state = prefill(model, batch)
+                    state.repeat(n)
+                    decoded = decode(model, state, sampling, seeds, stop_ids, pad)
+                else:
+                    seed = batch_seed(sampling.seed, group_index)
+                    decoded = generate_group(model, batch, sampling, seed, stop_ids, pad)
             for slot, (ids, reason) in enumerate(zip(decoded.tokens, decoded.finish, strict=True)):
                 request_index = group[slot // n]
                 results[request_index].append(

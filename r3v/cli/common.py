@@ -73,7 +73,12 @@ def make_task(name: str, task_args: dict | None = None, **options):
                                  param_hint="--task-arg")
     kwargs = {k: v for k, v in options.items() if k in accepted}
     kwargs.update(task_args or {})
-    return factory(**kwargs)
+    try:
+        return factory(**kwargs)
+    except (TypeError, ValueError) as exc:
+        if not task_args:
+            raise
+        raise click.BadParameter(f"task {name!r}: {exc}", param_hint="--task-arg") from exc
 
 
 def parse_task_args(items: tuple[str, ...]) -> dict:

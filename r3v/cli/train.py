@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from pathlib import Path
 
 import click
@@ -11,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from r3v.cli.common import console, friendly_errors, quiet_libraries
+from r3v.cli.common import console, data_options, friendly_errors, make_task, parse_task_args, quiet_libraries
 
 FALLBACK_MODEL = "tiny-qwen2-vl"
 BUILT_IN_BASE = "r3v-clevr-base"
@@ -49,7 +50,7 @@ def method_name(method: str, no_refine: bool, no_select: bool) -> str:
 @click.option("--model", default=None, help=f"Base model: hub id, folder or built-in name [default: {BUILT_IN_BASE} "
               f"when installed, else {FALLBACK_MODEL}].")
 @click.option("--task", "task_name", default="clevr-synth", show_default=True)
-@click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Folder with the task's official files.")
+@data_options
 @click.option("--method", type=click.Choice(["r3v", "star"]), default="r3v", show_default=True,
               help="r3v: self-CoT + self-refine + self-select; star: self-CoT only.")
 @click.option("--no-refine", is_flag=True, help="Ablation: leave out self-refine.")
@@ -64,7 +65,6 @@ def method_name(method: str, no_refine: bool, no_select: bool) -> str:
               help="Distilled CoT: R3V warm-up JSON or `r3v distill` JSONL [default: the task's teacher, if any].")
 @click.option("--image-root", type=click.Path(file_okay=False), default=None,
               help="Folder of the images an R3V warm-up JSON names [default: the file's folder].")
-@click.option("--allow-outside-paths", is_flag=True, help="Let warm-up image paths point outside --image-root.")
 @click.option("--teacher-count", default=200, show_default=True, type=click.IntRange(min=0),
               help="Without --warmup-file: questions the task's programmatic teacher writes CoT for.")
 @click.option("--skip-warmup-train", is_flag=True,
@@ -99,8 +99,8 @@ def method_name(method: str, no_refine: bool, no_select: bool) -> str:
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the hub (off by default).")
 @friendly_errors
 def train(
-    iterations, model, task_name, data_dir, method, no_refine, no_select, out_dir, train_limit, test_limit, from_base,
-    warmup_file, image_root, allow_outside_paths, teacher_count, skip_warmup_train, seed, samples_per_iteration,
+    iterations, model, task_name, data_dir, skip_bad, allow_outside_paths, task_args, method, no_refine, no_select,
+    out_dir, train_limit, test_limit, from_base, warmup_file, image_root, teacher_count, skip_warmup_train, seed, samples_per_iteration,
     temperature, top_p, top_k, max_new_tokens, eval_samples, eval_max_new_tokens, select_target, select_sizes,
     epochs, learning_rate, batch_size, grad_accum, lora, lora_r, lora_alpha, max_length, chunk_size, backend_name,
     device, trust_remote_code,
@@ -118,7 +118,11 @@ def train(
     from r3v.loop import LoopConfig, default_train_config, run_loop
 
     quiet_libraries()
+    # transformers' v6 deprecation notices fire on every model load; users cannot act on them
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
     model = model or default_model()
+    parsed_task_args = parse_task_args(task_args)
+    task = make_task(task_name, parsed_task_args, skip_bad=skip_bad, allow_outside_paths=allow_outside_paths)
     sizes = parse_sizes(select_sizes)
     preset = method_name(method, no_refine, no_select)
     build = BuildConfig.preset(preset, select_sizes=sizes, select_target=select_target, seed=seed)
@@ -135,7 +139,8 @@ def train(
                         max_new_tokens=max_new_tokens, seed=seed)
     config = LoopConfig(
         model=model, task=task_name, iterations=iterations, build=build, train=train_config, from_base=from_base,
-        train_limit=train_limit, test_limit=test_limit, data_dir=data_dir, warmup_file=warmup_file,
+        train_limit=train_limit, test_limit=test_limit, data_dir=data_dir, task_args=parsed_task_args,
+        skip_bad=skip_bad, warmup_file=warmup_file,
         image_root=image_root, allow_outside_paths=allow_outside_paths, teacher_count=teacher_count,
         skip_warmup_train=skip_warmup_train, sampling=sampling, eval_samples=eval_samples,
         eval_max_new_tokens=eval_max_new_tokens, chunk_size=chunk_size, seed=seed, backend=backend_name,
@@ -153,7 +158,7 @@ def train(
                 handles[label] = bars.add_task(label, total=total)
             bars.update(handles[label], completed=done, total=total)
 
-        rows = run_loop(config, out, log=console.print, progress=progress)
+        rows = run_loop(config, out, log=console.print, progress=progress, task=task)
 
     stdout = Console()
     stdout.print(results_table(rows, eval_samples))

@@ -1,7 +1,8 @@
 """``r3v-clevr-base``: the built-in base model for ``clevr-synth``, trained from scratch.
 
 A tiny ``Qwen2VLForConditionalGeneration`` (about 0.6M parameters) is built from a config with a
-fixed seed, then trained briefly on clevr-synth's train split: direct-answer QA plus a share of
+fixed seed, then trained briefly on clevr-synth's ``pretrain`` split (disjoint from train and test): direct-answer
+QA (the bare answer, as R3V's QA data) plus a share of
 the programmatic teacher's rationales. It stops at a weak chain-of-thought level, like the
 paper's starting point: it errs often, but among several samples it is often right. That is
 the regime where learning from its own rationales can help.
@@ -23,14 +24,16 @@ from r3v.models.tiny import build_tiny_model, cache_root
 NAME = "r3v-clevr-base"
 SHIPPED = Path(__file__).resolve().parent / NAME
 #: What the shipped weights were built with; the defaults of ``build_base_model``.
-RECIPE = {"seed": 0, "qa_items": 2000, "cot_items": 400, "epochs": 1.0, "learning_rate": 3e-3, "batch_size": 32}
+RECIPE = {"seed": 0, "qa_items": 2000, "cot_items": 2000, "epochs": 1.0, "learning_rate": 3e-3, "batch_size": 32}
+#: Bump when the recipe or clevr-synth changes, so cached builds are not reused.
+VERSION = 3
 
 
 def base_model_path() -> Path:
     """The shipped base model, or (in a source tree without it) one built once into the cache."""
     if (SHIPPED / "config.json").exists():
         return SHIPPED
-    cached = cache_root() / "models" / f"{NAME}-seed{RECIPE['seed']}"
+    cached = cache_root() / "models" / f"{NAME}-v{VERSION}-seed{RECIPE['seed']}"
     if not (cached / "r3v_base.json").exists():
         build_base_model(cached)
     return cached
@@ -38,6 +41,7 @@ def base_model_path() -> Path:
 
 def build_base_model(out: str | Path, **overrides) -> Path:
     """Build the base model into ``out`` (atomically: a temp folder, then a rename)."""
+    from r3v.builders import qa_items
     from r3v.records import TrainItem
     from r3v.tasks.clevr_synth import ClevrSynth
     from r3v.train import TrainConfig, train
@@ -49,10 +53,9 @@ def build_base_model(out: str | Path, **overrides) -> Path:
     try:
         scratch = build_tiny_model("tiny-qwen2-vl", work / "scratch", seed=recipe["seed"])
         task = ClevrSynth()
-        examples = task.load("train", limit=recipe["qa_items"])
-        items = [
-            TrainItem("qa", ex.id, task.qa_prompt(ex), task.answer_line(ex.answer, ex)) for ex in examples
-        ] + [
+        # The "pretrain" split is disjoint from the train and test splits the R3V loop uses.
+        examples = task.load("pretrain", limit=recipe["qa_items"])
+        items = qa_items(task, examples) + [
             TrainItem("distill", ex.id, task.cot_prompt(ex), task.teacher_rationale(ex))
             for ex in examples[: recipe["cot_items"]]
         ]
@@ -73,7 +76,7 @@ def build_base_model(out: str | Path, **overrides) -> Path:
             if file.is_file() and not (final / file.name).exists() and file.name != "r3v_tiny.json":
                 shutil.copy2(file, final / file.name)
         (final / "r3v_base.json").write_text(
-            json.dumps({"name": NAME, "recipe": recipe, "train_losses": result.losses, "steps": result.steps}, indent=2)
+            json.dumps({"name": NAME, "version": VERSION, "recipe": recipe, "train_losses": result.losses, "steps": result.steps}, indent=2)
         )
         if out.exists():
             shutil.rmtree(out)

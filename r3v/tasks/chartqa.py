@@ -18,18 +18,14 @@ ignoring case but not surrounding spaces. Where the gold is a list (HuggingFaceM
 
 from __future__ import annotations
 
-import io
-import json
 import re
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
 from r3v.errors import DataError
 from r3v.records import Example
 from r3v.registry import tasks
-from r3v.tasks.base import resolve_data_file, safe_path
+from r3v.tasks import base
 
 DEFAULT_HUB = "HuggingFaceM4/ChartQA"
 SUBSETS = ("human", "augmented")
@@ -85,47 +81,9 @@ def _canonical_number(value: float) -> str:
     return repr(value)
 
 
-def flag(name: str, value: bool | str) -> bool:
-    """A boolean option, also given as text ("true"/"false", "1"/"0", "yes"/"no") as ``--task-arg`` passes it."""
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("true", "1", "yes"):
-        return True
-    if text in ("false", "0", "no"):
-        return False
-    raise ValueError(f"{name} must be true or false, not {value!r}")
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_bytes().decode("utf-8"))
-    except FileNotFoundError as exc:
-        raise DataError(f"file not found: {path}", path=path) from exc
-    except OSError as exc:
-        raise DataError(f"cannot read {path}: {exc}", path=path) from exc
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"not valid JSON: {exc}", path=path) from exc
-
-
-def _present(record: dict, keys: tuple[str, ...], where: dict) -> str:
-    """The first of ``keys`` (a field and its alias in the other schema) that ``record`` has."""
-    for key in keys:
-        if key in record:
-            return key
-    raise DataError(f"missing field {' or '.join(repr(k) for k in keys)}", **where)
-
-
-def _text(record: dict, keys: tuple[str, ...], where: dict) -> str:
-    key = _present(record, keys, where)
-    if not isinstance(record[key], str):
-        raise DataError(f"field {key!r} should be str, got {type(record[key]).__name__}", **where)
-    return record[key]
-
-
 def _labels(record: dict, keys: tuple[str, ...], where: dict) -> list[str]:
     """A gold label: a string (official files, lmms-lab) or a non-empty list of strings (HuggingFaceM4)."""
-    key = _present(record, keys, where)
+    key = base.present_key(record, keys, where)
     value = record[key]
     if isinstance(value, str):
         return [value]
@@ -134,27 +92,10 @@ def _labels(record: dict, keys: tuple[str, ...], where: dict) -> list[str]:
     raise DataError(f"field {key!r} should be a string or a non-empty list of strings, got {value!r}", **where)
 
 
-def hub_image(value: Any, where: dict) -> str | Image.Image:
-    """An image cell of a Hugging Face dataset read with ``decode=False``.
-
-    Embedded bytes become a PIL image opened lazily (only the header is read now); a bare path
-    is kept as a path when the file exists.
-    """
-    if isinstance(value, Image.Image):
-        return value
-    data, path = (value.get("bytes"), value.get("path")) if isinstance(value, dict) else (value, None)
-    if isinstance(data, (bytes, bytearray)) and data:
-        try:
-            return Image.open(io.BytesIO(data))
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise DataError(f"cannot read the image bytes: {exc}", **where) from exc
-    if isinstance(path, str) and Path(path).is_file():
-        return path
-    raise DataError("the image has neither bytes nor a readable file path", **where)
-
-
 @tasks.register("chartqa")
 class ChartQA:
+    """ChartQA from the official folder or a hub copy, scored by R3V's rule or relaxed accuracy."""
+
     name = "chartqa"
     splits = ("train", "val", "test")
     sources = (
@@ -183,12 +124,12 @@ class ChartQA:
         if subset not in (*SUBSETS, "both"):
             raise ValueError(f"chartqa subset must be human, augmented or both, not {subset!r}")
         self.subset = subset
-        self.relaxed = flag("relaxed", relaxed)
+        self.relaxed = base.flag("relaxed", relaxed)
         self.hf_dataset = hf_dataset or None
         self.cache_dir = cache_dir
-        self.skip_bad = flag("skip_bad", skip_bad)
-        self.check_images = flag("check_images", check_images)
-        self.allow_outside_paths = flag("allow_outside_paths", allow_outside_paths)
+        self.skip_bad = base.flag("skip_bad", skip_bad)
+        self.check_images = base.flag("check_images", check_images)
+        self.allow_outside_paths = base.flag("allow_outside_paths", allow_outside_paths)
         self.bad_records: list[str] = []
 
     @property
@@ -197,8 +138,7 @@ class ChartQA:
 
     # ---------------------------------------------------------------- loading
     def load(self, split: str, data_dir: str | Path | None = None, limit: int | None = None) -> list[Example]:
-        if split not in self.splits:
-            raise ValueError(f"chartqa has splits {', '.join(self.splits)}, not {split!r}")
+        base.check_split(self.name, self.splits, split)
         self.bad_records = []
         if data_dir is None:
             if self.hf_dataset is None:
@@ -206,8 +146,8 @@ class ChartQA:
             return self._load_hub(split, limit)
         examples: list[Example] = []
         for source in self._wanted:
-            path = resolve_data_file(data_dir, f"{split}/{split}_{source}.json", task=self.name)
-            records = _read_json(path)
+            path = base.resolve_data_file(data_dir, f"{split}/{split}_{source}.json", task=self.name)
+            records = base.read_json(path)
             if not isinstance(records, list):
                 raise DataError(f"expected a JSON list of records, got {type(records).__name__}", path=path)
             for index, record in enumerate(records):
@@ -220,10 +160,7 @@ class ChartQA:
         return examples
 
     def _bad(self, error: DataError) -> None:
-        """Raise a record's error, or note it and go on under ``skip_bad``."""
-        if not self.skip_bad:
-            raise error
-        self.bad_records.append(str(error))
+        base.raise_or_record(error, self.skip_bad, self.bad_records)
 
     def example_from_record(
         self, record: dict, index: int, data_dir: str | Path | None = None, split: str = "test"
@@ -247,15 +184,14 @@ class ChartQA:
         where = {"path": path, "record": f"index {index}"}
         if not isinstance(record, dict):
             raise DataError(f"expected a JSON object, got {type(record).__name__}", **where)
-        question = _text(record, ("query", "question"), where)
+        question = base.text_field(record, ("query", "question"), where)
         labels = _labels(record, ("label", "answer"), where)
         # scoring needs no chart, so a record without a data dir may leave the image name out
-        imgname = _text(record, ("imgname",), where) if root is not None or "imgname" in record else ""
+        imgname = base.text_field(record, ("imgname",), where) if root is not None or "imgname" in record else ""
         images = []
         if root is not None:
-            image = safe_path(root, f"{split}/png/{imgname}", self.allow_outside_paths, record=where["record"])
-            if self.check_images and not image.is_file():
-                raise DataError(f"image file not found: {image}", path=image, record=where["record"])
+            relative = f"{split}/png/{imgname}"
+            image = base.local_image(root, relative, self.allow_outside_paths, self.check_images, where["record"])
             images.append(str(image))
         return self._example(f"{source}-{index}", question, labels, images, source, imgname)
 
@@ -270,15 +206,8 @@ class ChartQA:
         )
 
     def _load_hub(self, split: str, limit: int | None) -> list[Example]:
-        import datasets
-
-        from r3v.tasks.base import load_hub_split
-
         name = self.hf_dataset
-        try:
-            data = load_hub_split(name, split, cache_dir=self.cache_dir)
-        except Exception as exc:  # offline, unknown id, missing split: one clear input error
-            raise DataError(f"cannot load {name!r} split {split!r}: {exc}", path=name) from exc
+        data = base.load_hub_undecoded(name, split, cache_dir=self.cache_dir)
         columns = set(data.column_names)
         if {"query", "label", "human_or_machine", "image"} <= columns:
             question_key, label_key, source_of = "query", "label", _m4_source
@@ -292,8 +221,6 @@ class ChartQA:
                 "(image, query, label, human_or_machine) or lmms-lab/ChartQA (image, question, answer, type)",
                 path=name,
             )
-        if isinstance(data.features["image"], datasets.Image):
-            data = data.cast_column("image", datasets.Image(decode=False))
         examples: list[Example] = []
         seen = dict.fromkeys(SUBSETS, 0)
         for row_index, raw_source in enumerate(source_values):
@@ -312,8 +239,8 @@ class ChartQA:
             try:
                 row = data[row_index]
                 labels = _labels(row, (label_key,), where)
-                question = _text(row, (question_key,), where)
-                image = hub_image(row["image"], where)
+                question = base.text_field(row, (question_key,), where)
+                image = base.hub_image(row["image"], where)
             except DataError as exc:
                 self._bad(exc)
                 continue
@@ -323,17 +250,10 @@ class ChartQA:
         return examples
 
     # ---------------------------------------------------------------- prompts
-    def cot_prompt(self, example: Example) -> str:
-        return f"{example.question}\n{COT}"
-
-    def qa_prompt(self, example: Example) -> str:
-        return f"{example.question}\n{QA}"
-
-    def answer_line(self, answer: Any, example: Example) -> str:
-        return f"Answer: {answer}"
-
-    def select_instruction(self, example: Example) -> str:
-        return SELECT
+    # bound methods of a frozen instance: class attributes that the instance calls without ``self``
+    _prompts = base.InstructionPrompts(cot=COT, qa=QA, select=SELECT)
+    cot_prompt, qa_prompt = _prompts.cot_prompt, _prompts.qa_prompt
+    answer_line, select_instruction = _prompts.answer_line, _prompts.select_instruction
 
     # ---------------------------------------------------------------- scoring
     def extract(self, text: str, example: Example) -> str | None:

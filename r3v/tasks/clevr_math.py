@@ -19,18 +19,14 @@ nothing. Correct when it equals the gold integer written in decimal, character f
 
 from __future__ import annotations
 
-import io
-import json
 import re
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
 from r3v.errors import DataError
 from r3v.records import Example
 from r3v.registry import tasks
-from r3v.tasks.base import safe_path
+from r3v.tasks import base
 
 DEFAULT_HUB = "ohjoonhee/CLEVR-Math-Test"
 INSTRUCTION = "a single numerical value (0-10)."
@@ -52,44 +48,9 @@ def extract_number(text: str) -> str | None:
     return match.group(1) if match else None
 
 
-def flag(name: str, value: bool | str) -> bool:
-    """A boolean option, also given as text ("true"/"false", "1"/"0", "yes"/"no") as ``--task-arg`` passes it."""
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("true", "1", "yes"):
-        return True
-    if text in ("false", "0", "no"):
-        return False
-    raise ValueError(f"{name} must be true or false, not {value!r}")
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_bytes().decode("utf-8"))
-    except FileNotFoundError as exc:
-        raise DataError(f"file not found: {path}", path=path) from exc
-    except OSError as exc:
-        raise DataError(f"cannot read {path}: {exc}", path=path) from exc
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"not valid JSON: {exc}", path=path) from exc
-
-
-def _text(record: dict, keys: tuple[str, ...], where: dict) -> str:
-    """The first of ``keys`` present in ``record``, which must be a string."""
-    for key in keys:
-        if key in record:
-            if not isinstance(record[key], str):
-                raise DataError(f"field {key!r} should be str, got {type(record[key]).__name__}", **where)
-            return record[key]
-    raise DataError(f"missing field {' or '.join(repr(k) for k in keys)}", **where)
-
-
 def _gold(record: dict, keys: tuple[str, ...], where: dict) -> str:
     """The gold count as the decimal string R3V compares against: an int, or a string of digits."""
-    key = next((k for k in keys if k in record), None)
-    if key is None:
-        raise DataError(f"missing field {' or '.join(repr(k) for k in keys)}", **where)
+    key = base.present_key(record, keys, where)
     value = record[key]
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
@@ -98,23 +59,10 @@ def _gold(record: dict, keys: tuple[str, ...], where: dict) -> str:
     raise DataError(f"field {key!r} should be an integer, got {value!r}", **where)
 
 
-def hub_image(value: Any, where: dict) -> str | Image.Image:
-    """An image cell read with ``decode=False``: bytes open lazily as PIL, a bare path stays a path."""
-    if isinstance(value, Image.Image):
-        return value
-    data, path = (value.get("bytes"), value.get("path")) if isinstance(value, dict) else (value, None)
-    if isinstance(data, (bytes, bytearray)) and data:
-        try:
-            return Image.open(io.BytesIO(data))
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise DataError(f"cannot read the image bytes: {exc}", **where) from exc
-    if isinstance(path, str) and Path(path).is_file():
-        return path
-    raise DataError("the image has neither bytes nor a readable file path", **where)
-
-
 @tasks.register("clevr-math")
 class ClevrMath:
+    """CLEVR-Math counting questions from R3V's or CLEVR-Math's files or the hub mirror; exact match."""
+
     name = "clevr-math"
     splits = ("train", "val", "test")
     sources = (
@@ -141,22 +89,18 @@ class ClevrMath:
         self.hf_dataset = hf_dataset or None
         self.hf_config = hf_config or None
         self.cache_dir = cache_dir
-        self.skip_bad = flag("skip_bad", skip_bad)
-        self.check_images = flag("check_images", check_images)
-        self.allow_outside_paths = flag("allow_outside_paths", allow_outside_paths)
+        self.skip_bad = base.flag("skip_bad", skip_bad)
+        self.check_images = base.flag("check_images", check_images)
+        self.allow_outside_paths = base.flag("allow_outside_paths", allow_outside_paths)
         self.bad_records: list[str] = []
 
     def _bad(self, error: DataError) -> None:
-        """Raise a record's error, or note it and go on under ``skip_bad``."""
-        if not self.skip_bad:
-            raise error
-        self.bad_records.append(str(error))
+        base.raise_or_record(error, self.skip_bad, self.bad_records)
 
     # ---------------------------------------------------------------- loading
     def load(self, split: str, data_dir: str | Path | None = None, limit: int | None = None) -> list[Example]:
         split = "val" if split == "validation" else split
-        if split not in self.splits:
-            raise ValueError(f"clevr-math has splits {', '.join(self.splits)}, not {split!r}")
+        base.check_split(self.name, self.splits, split)
         self.bad_records = []
         if data_dir is None:
             if self.hf_dataset is None:
@@ -171,7 +115,7 @@ class ClevrMath:
         else:
             raise DataError(f"clevr-math: neither {r3v_file.name} nor {official_file.name} found under {root}",
                             path=root)
-        data = _read_json(path)
+        data = base.read_json(path)
         if isinstance(data, dict) and isinstance(data.get("questions"), list):
             records = data["questions"]
         elif isinstance(data, list):
@@ -200,20 +144,18 @@ class ClevrMath:
         where = {"path": path, "record": f"index {index}"}
         if not isinstance(record, dict):
             raise DataError(f"expected a JSON object, got {type(record).__name__}", **where)
-        question = _text(record, ("question",), where)
+        question = base.text_field(record, ("question",), where)
         answer = _gold(record, ("answer", "label"), where)
         template = record.get("template_filename", record.get("template"))
         images = []
         if root is not None:
-            filename = _text(record, ("filename", "image", "image_filename"), where)
+            filename = base.text_field(record, ("filename", "image", "image_filename"), where)
             if image_dir is None:  # CLEVR-Math layout: images sorted by the CLEVR split they come from
                 image_split = record.get("split", split)
                 relative = f"CLEVR_v1.0/images/{image_split}/{filename}"
             else:
                 relative = f"{image_dir}/{filename}"
-            image = safe_path(root, relative, self.allow_outside_paths, record=where["record"])
-            if self.check_images and not image.is_file():
-                raise DataError(f"image file not found: {image}", path=image, record=where["record"])
+            image = base.local_image(root, relative, self.allow_outside_paths, self.check_images, where["record"])
             images.append(str(image))
         return Example(
             id=str(index),
@@ -225,26 +167,17 @@ class ClevrMath:
         )
 
     def _load_hub(self, split: str, limit: int | None) -> list[Example]:
-        import datasets
-
-        from r3v.tasks.base import load_hub_split
-
         name = self.hf_dataset
         if name == DEFAULT_HUB and split != "test":
             raise DataError(f"{DEFAULT_HUB} has only a test split; use --data-dir for {split!r}")
         kwargs: dict[str, Any] = {"cache_dir": self.cache_dir}
         if self.hf_config and not Path(name).exists():
             kwargs["name"] = self.hf_config
-        try:
-            data = load_hub_split(name, split, **kwargs)
-        except Exception as exc:  # offline, unknown id, missing split: one clear input error
-            raise DataError(f"cannot load {name!r} split {split!r}: {exc}", path=name) from exc
+        data = base.load_hub_undecoded(name, split, **kwargs)
         missing = {"question", "label", "image"} - set(data.column_names)
         if missing:
             raise DataError(f"missing column(s) {sorted(missing)}; expected template, id, question, image, label",
                             path=name)
-        if isinstance(data.features["image"], datasets.Image):
-            data = data.cast_column("image", datasets.Image(decode=False))
         examples: list[Example] = []
         for index in range(len(data) if limit is None else min(limit, len(data))):
             where = {"path": name, "record": f"row {index}"}
@@ -253,9 +186,9 @@ class ClevrMath:
                 example = Example(
                     id=str(index),
                     task=self.name,
-                    question=_text(row, ("question",), where),
+                    question=base.text_field(row, ("question",), where),
                     answer=_gold(row, ("label",), where),
-                    images=[hub_image(row["image"], where)],
+                    images=[base.hub_image(row["image"], where)],
                     metadata={"template": _template_name(row.get("template"))},
                 )
             except DataError as exc:
@@ -265,17 +198,10 @@ class ClevrMath:
         return examples
 
     # ---------------------------------------------------------------- prompts
-    def cot_prompt(self, example: Example) -> str:
-        return f"{example.question}\n{COT}"
-
-    def qa_prompt(self, example: Example) -> str:
-        return f"{example.question}\n{QA}"
-
-    def answer_line(self, answer: Any, example: Example) -> str:
-        return f"Answer: {answer}"
-
-    def select_instruction(self, example: Example) -> str:
-        return SELECT
+    # bound methods of a frozen instance: class attributes that the instance calls without ``self``
+    _prompts = base.InstructionPrompts(cot=COT, qa=QA, select=SELECT)
+    cot_prompt, qa_prompt = _prompts.cot_prompt, _prompts.qa_prompt
+    answer_line, select_instruction = _prompts.answer_line, _prompts.select_instruction
 
     # ---------------------------------------------------------------- scoring
     def extract(self, text: str, example: Example) -> str | None:

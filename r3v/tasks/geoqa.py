@@ -39,7 +39,14 @@ from typing import Any
 from r3v.errors import DataError
 from r3v.records import Example
 from r3v.registry import tasks
-from r3v.tasks.base import OPTION_LETTERS, format_options, safe_path
+from r3v.tasks.base import (
+    OPTION_LETTERS,
+    check_split,
+    format_options,
+    local_image,
+    option_letter,
+    raise_or_record,
+)
 from r3v.tasks.m3cot import (
     BadRecord,
     choice_fallbacks,
@@ -160,8 +167,7 @@ class GeoQA:
     # loading ------------------------------------------------------------------------------------
 
     def load(self, split: str, data_dir: str | Path | None = None, limit: int | None = None) -> list[Example]:
-        if split not in self.splits:
-            raise ValueError(f"geoqa has splits {', '.join(self.splits)}, not {split!r}")
+        check_split(self.name, self.splits, split)
         self.bad_records = []
         if data_dir is None:
             return self._load_hub(split, limit)
@@ -188,12 +194,9 @@ class GeoQA:
         example = self.example_from_record(record, 0)
         image = require(record, "image", str)
         try:
-            path = safe_path(images_root, image, self.allow_outside_paths, record=label)
+            example.images = [str(local_image(images_root, image, self.allow_outside_paths, True, label))]
         except DataError as exc:
             raise BadRecord(exc.problem) from exc
-        if not path.is_file():
-            raise BadRecord(f"image file not found: {path}")
-        example.images = [str(path)]
         return example
 
     def _load_hub(self, split: str, limit: int | None) -> list[Example]:
@@ -228,9 +231,7 @@ class GeoQA:
         return examples
 
     def _bad(self, error: DataError, cause: Exception) -> None:
-        if not self.skip_bad:
-            raise error from cause
-        self.bad_records.append(str(error))
+        raise_or_record(error, self.skip_bad, self.bad_records, cause)
 
     def example_from_record(self, record: dict[str, Any], index: int) -> Example:
         """An Example from one R3V record: ``id``, ``question``, ``choices``, ``answer`` (letter or
@@ -265,8 +266,8 @@ class GeoQA:
         return f'{self.body(example)}\nAnswer with the option\'s letter from the given choices directly, with prefix "Answer: ".'
 
     def answer_line(self, answer: Any, example: Example) -> str:
-        letter = OPTION_LETTERS[answer] if isinstance(answer, int) else str(answer).strip().upper()
-        return f"Answer: {letter}"
+        """A bare letter, as R3V's GeoQA rationales end (``Answer: B``)."""
+        return f"Answer: {option_letter(answer)}"
 
     def select_instruction(self, example: Example) -> str:
         return 'Which prediction is correct? Finally answer with option from choices with prefix "Answer: ".'
@@ -274,11 +275,9 @@ class GeoQA:
     # scoring ------------------------------------------------------------------------------------
 
     def extract(self, text: str, example: Example) -> str | None:
-        if not isinstance(text, str):
-            return None
         choices = example.choices or []
-        letter = r3v_judge(text, choices) if self.judge == "r3v" else letter_judge(text, choices)
-        return letter_in_range(letter, choices)
+        judge = r3v_judge if self.judge == "r3v" else letter_judge
+        return letter_in_range(judge(text, choices), choices) if isinstance(text, str) else None
 
     def normalize(self, answer: str, example: Example) -> str:
         return answer.strip().upper()

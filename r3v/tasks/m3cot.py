@@ -37,7 +37,15 @@ from PIL import Image
 from r3v.errors import DataError
 from r3v.records import Example
 from r3v.registry import tasks
-from r3v.tasks.base import OPTION_LETTERS, format_options, load_hub_split, safe_path
+from r3v.tasks.base import (
+    OPTION_LETTERS,
+    check_split,
+    format_options,
+    load_hub_split,
+    local_image,
+    option_letter,
+    raise_or_record,
+)
 
 HF_DATASET = "LightChen2333/M3CoT"
 
@@ -231,8 +239,7 @@ class M3CoT:
     # loading ------------------------------------------------------------------------------------
 
     def load(self, split: str, data_dir: str | Path | None = None, limit: int | None = None) -> list[Example]:
-        if split not in self.splits:
-            raise ValueError(f"m3cot has splits {', '.join(self.splits)}, not {split!r}")
+        check_split(self.name, self.splits, split)
         self.bad_records = []
         if data_dir is None:
             source = self.hf_dataset
@@ -260,10 +267,7 @@ class M3CoT:
             try:
                 examples.append(self._from_dataset_record(record, images_root, source, label))
             except BadRecord as exc:
-                error = DataError(str(exc), path=source, record=label)
-                if not self.skip_bad:
-                    raise error from exc
-                self.bad_records.append(str(error))
+                raise_or_record(DataError(str(exc), path=source, record=label), self.skip_bad, self.bad_records, exc)
         return examples
 
     def _from_dataset_record(self, record: dict[str, Any], images_root: Path | None, source: Any, label: str) -> Example:
@@ -275,12 +279,9 @@ class M3CoT:
             if not isinstance(cell, str) or not cell:
                 raise BadRecord("field 'image' should be an image path relative to the data folder")
             try:
-                path = safe_path(images_root, cell, self.allow_outside_paths, record=label)
+                image = str(local_image(images_root, cell, self.allow_outside_paths, True, label))
             except DataError as exc:
                 raise BadRecord(exc.problem) from exc
-            if not path.is_file():
-                raise BadRecord(f"image file not found: {path}")
-            image = str(path)
         example.images = [image]
         return example
 
@@ -343,8 +344,8 @@ class M3CoT:
         return f"{self.body(example)}\n\nAnswer with the option's letter from the given choices directly."
 
     def answer_line(self, answer: Any, example: Example) -> str:
-        letter = OPTION_LETTERS[answer] if isinstance(answer, int) else str(answer).strip().upper()
-        return f"Answer: ({letter})"
+        """The letter in parentheses, which the official judge reads before anything else."""
+        return f"Answer: ({option_letter(answer)})"
 
     def select_instruction(self, example: Example) -> str:
         return 'Which prediction is correct? Give the final answer as "Answer: (X)" with the letter of the correct option.'

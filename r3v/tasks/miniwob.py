@@ -39,7 +39,7 @@ from typing import Any
 from r3v.errors import DataError
 from r3v.records import Example
 from r3v.registry import tasks
-from r3v.tasks.base import safe_path
+from r3v.tasks.base import check_split, local_image, raise_or_record
 
 CLICK, TYPE = 4, 3
 ACTION_TYPES = {"click": CLICK, "type": TYPE}
@@ -163,8 +163,7 @@ class MiniWob:
     # loading ------------------------------------------------------------------------------------
 
     def load(self, split: str, data_dir: str | Path | None = None, limit: int | None = None) -> list[Example]:
-        if split not in self.splits:
-            raise ValueError(f"miniwob has splits {', '.join(self.splits)}, not {split!r}")
+        check_split(self.name, self.splits, split)
         self.bad_records = []
         if data_dir is None:
             raise DataError("task 'miniwob' needs --data-dir with SeeClick's miniwob_data_<split>.json and screenshots")
@@ -221,17 +220,12 @@ class MiniWob:
         if not isinstance(name, str) or not name:
             raise ValueError("missing field 'img_filename'")
         try:
-            path = safe_path(images, name, self.allow_outside_paths, record=label)
+            return local_image(images, name, self.allow_outside_paths, True, label, kind="screenshot")
         except DataError as exc:
             raise ValueError(exc.problem) from exc
-        if not path.is_file():
-            raise ValueError(f"screenshot not found: {path}")
-        return path
 
     def _bad(self, error: DataError) -> None:
-        if not self.skip_bad:
-            raise error
-        self.bad_records.append(str(error))
+        raise_or_record(error, self.skip_bad, self.bad_records)
 
     def example_from_record(self, record: dict[str, Any], index: int) -> Example:
         """An Example from one SeeClick step plus ``task_name`` (and optional ``id``,

@@ -21,7 +21,6 @@ a multiple-choice question). A letter beyond F is accepted when the question has
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,16 @@ from typing import Any
 from r3v.errors import DataError
 from r3v.records import Example
 from r3v.registry import tasks
-from r3v.tasks.base import OPTION_LETTERS, format_options, resolve_data_file, safe_path
+from r3v.tasks.base import (
+    OPTION_LETTERS,
+    check_split,
+    flag,
+    format_options,
+    local_image,
+    raise_or_record,
+    read_json,
+    resolve_data_file,
+)
 
 COT_MC = "First generate a step-by-step solution, then answer with the option\u2019s letter from the given choices directly."
 COT_FREE = "First generate a step-by-step solution, then answer the question using a single word or phrase."
@@ -176,29 +184,6 @@ def _field(record: dict, key: str, kinds: tuple[type, ...], where: dict, optiona
     return value
 
 
-def flag(name: str, value: bool | str) -> bool:
-    """A boolean option, also given as text ("true"/"false", "1"/"0", "yes"/"no") as ``--task-arg`` passes it."""
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("true", "1", "yes"):
-        return True
-    if text in ("false", "0", "no"):
-        return False
-    raise ValueError(f"{name} must be true or false, not {value!r}")
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_bytes().decode("utf-8"))
-    except FileNotFoundError as exc:
-        raise DataError(f"file not found: {path}", path=path) from exc
-    except OSError as exc:
-        raise DataError(f"cannot read {path}: {exc}", path=path) from exc
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"not valid JSON: {exc}", path=path) from exc
-
-
 @tasks.register("tabmwp")
 class TabMWP:
     name = "tabmwp"
@@ -229,10 +214,9 @@ class TabMWP:
 
     # ---------------------------------------------------------------- loading
     def load(self, split: str, data_dir: str | Path | None = None, limit: int | None = None) -> list[Example]:
-        if split not in self.splits:
-            raise ValueError(f"tabmwp has splits {', '.join(self.splits)}, not {split!r}")
+        check_split(self.name, self.splits, split)
         path = resolve_data_file(data_dir, f"problems_{split}.json", task=self.name)
-        problems = _read_json(path)
+        problems = read_json(path)
         if not isinstance(problems, dict):
             raise DataError(f"expected a JSON object keyed by pid, got {type(problems).__name__}", path=path)
         self.bad_records = []
@@ -243,9 +227,7 @@ class TabMWP:
             try:
                 examples.append(self._build(problem, pid, Path(data_dir), path))
             except DataError as exc:
-                if not self.skip_bad:
-                    raise
-                self.bad_records.append(str(exc))
+                raise_or_record(exc, self.skip_bad, self.bad_records)
         return examples
 
     def example_from_record(self, record: dict, index: int, data_dir: str | Path | None = None) -> Example:
@@ -284,9 +266,7 @@ class TabMWP:
         }
         images = []
         if root is not None:
-            image = safe_path(root, f"tables/{pid}.png", self.allow_outside_paths, record=f"pid {pid}")
-            if self.check_images and not image.is_file():
-                raise DataError(f"image file not found: {image}", path=image, record=f"pid {pid}")
+            image = local_image(root, f"tables/{pid}.png", self.allow_outside_paths, self.check_images, f"pid {pid}")
             images.append(str(image))
         return Example(
             id=pid,

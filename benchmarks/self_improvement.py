@@ -1,0 +1,181 @@
+"""Does R3V improve the built-in model? Training arms and test-time selection, side by side.
+
+Runs ``r3v train --iterations N`` with the README's defaults for each arm (r3v, star, --no-refine,
+--no-select) and each seed, then ``r3v bench`` on every arm's final model with the ladder
+N = 1, 3, 5, 7 for first, majority, self-select and oracle. Everything goes through the same CLI
+a user runs. Results go to benchmarks/results/self_improvement.json, a plot beside it, and a
+markdown table into benchmarks/README.md (between the self-improvement markers).
+
+    python benchmarks/self_improvement.py                 # 1 seed, as recorded
+    python benchmarks/self_improvement.py --seeds 0,1,2   # more seeds, if time allows
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.machine import describe_machine, load_average  # noqa: E402
+
+ARMS = {"r3v": [], "star": ["--method", "star"], "no-refine": ["--no-refine"], "no-select": ["--no-select"]}
+LADDER = (1, 3, 5, 7)
+MARK_BEGIN, MARK_END = "<!-- self-improvement:begin -->", "<!-- self-improvement:end -->"
+
+
+def r3v(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "r3v.cli", *args]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ))
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
+    return result
+
+
+def run_arm(arm: str, seed: int, iterations: int, run_root: Path) -> dict:
+    run_dir = run_root / f"seed{seed}" / arm
+    started = time.perf_counter()
+    r3v("train", "--iterations", str(iterations), "--seed", str(seed), "--out", str(run_dir), *ARMS[arm])
+    seconds = time.perf_counter() - started
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    final = json.loads((run_dir / f"iter{iterations}" / "model.json").read_text())
+    model_dir = run_dir / final["path"] if not Path(final["path"]).is_absolute() else Path(final["path"])
+    bench_dir = run_dir / "bench"
+    bench = json.loads(
+        r3v("bench", "--model", str(model_dir), "--task", "clevr-synth", "--n", str(max(LADDER)),
+            "--n-ladder", ",".join(map(str, LADDER)), "--selector", "self-select", "--seed", str(seed),
+            "--max-new-tokens", str(rows[-1].get("eval_max_new_tokens") or 64), "--json", "--out",
+            str(bench_dir)).stdout
+    )
+    return {
+        "seconds": round(seconds, 1),
+        "iterations": [
+            {key: row.get(key) for key in ("iteration", "test_accuracy", "select_accuracy", "majority_accuracy",
+                                            "pass_at_n", "items", "train_losses", "select_how")}
+            for row in rows
+        ],
+        "ladder": bench["ladder"],
+        "bench_counts": bench.get("counts"),
+    }
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def summarize(results: dict, iterations: int) -> dict:
+    def acc(arm: str, it: int, key: str) -> float:
+        return mean([seed_result[arm]["iterations"][it][key] for seed_result in results.values()
+                     if seed_result[arm]["iterations"][it].get(key) is not None])
+
+    def ladder(arm: str, k: int, metric: str) -> float:
+        return mean([seed_result[arm]["ladder"][str(k)][metric] for seed_result in results.values()])
+
+    r3v_start, r3v_end = acc("r3v", 0, "test_accuracy"), acc("r3v", iterations, "test_accuracy")
+    relative = (r3v_end - r3v_start) / r3v_start if r3v_start else float("inf") if r3v_end > 0 else 0.0
+    targets = {
+        "r3v_relative_gain_over_iteration0": {"value": relative, "target": ">= 0.23", "met": relative >= 0.23},
+        "r3v_minus_star_at_last_iteration": {
+            "value": r3v_end - acc("star", iterations, "test_accuracy"), "target": "> 0",
+            "met": r3v_end > acc("star", iterations, "test_accuracy"),
+        },
+        "select_minus_majority_at_n3": {
+            "value": ladder("r3v", 3, "sel@k") - ladder("r3v", 3, "maj@k"), "target": "> 0",
+            "met": ladder("r3v", 3, "sel@k") > ladder("r3v", 3, "maj@k"),
+        },
+    }
+    table = {arm: [acc(arm, it, "test_accuracy") for it in range(iterations + 1)] for arm in ARMS}
+    return {"test_accuracy_by_iteration": table, "targets": targets,
+            "ladder_r3v": {k: {m: ladder("r3v", k, m) for m in ("first@k", "maj@k", "sel@k", "pass@k")}
+                           for k in LADDER}}
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for arm, values in summary["test_accuracy_by_iteration"].items():
+        left.plot(range(len(values)), values, marker="o", label=arm)
+    left.set(xlabel="iteration", ylabel="Test@1 (greedy)", title="clevr-synth: training arms")
+    left.legend()
+    ks = sorted(summary["ladder_r3v"], key=int)
+    for metric in ("first@k", "maj@k", "sel@k", "pass@k"):
+        right.plot([int(k) for k in ks], [summary["ladder_r3v"][k][metric] for k in ks], marker="o", label=metric)
+    right.set(xlabel="N (samples per question)", ylabel="accuracy", title="R3V final model: selection")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def markdown(summary: dict, machine: dict, seeds: list[int], seconds: dict) -> str:
+    table = summary["test_accuracy_by_iteration"]
+    iterations = len(next(iter(table.values())))
+    lines = [MARK_BEGIN, "## Self-improvement on the built-in task", "",
+             f"`python benchmarks/self_improvement.py` (seeds {', '.join(map(str, seeds))}; written "
+             f"{machine['date']} on {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}). "
+             "Each arm is `r3v train --iterations 3` with the README defaults; numbers are Test@1 "
+             "(greedy) on clevr-synth's 200 test questions.", "",
+             "| arm | " + " | ".join(f"iter {i}" for i in range(iterations)) + " | wall time (s) |",
+             "| --- |" + " --- |" * (iterations + 1)]
+    for arm, values in table.items():
+        lines.append(f"| {arm} | " + " | ".join(f"{v:.3f}" for v in values) + f" | {seconds[arm]:.0f} |")
+    lines += ["", "Test-time selection with the final R3V model (same samples for every selector):", "",
+              "| N | first | majority | self-select | pass@N |", "| --- | --- | --- | --- | --- |"]
+    for k, row in sorted(summary["ladder_r3v"].items(), key=lambda kv: int(kv[0])):
+        lines.append(f"| {k} | {row['first@k']:.3f} | {row['maj@k']:.3f} | {row['sel@k']:.3f} | {row['pass@k']:.3f} |")
+    lines += ["", "| target | value | met |", "| --- | --- | --- |"]
+    for name, target in summary["targets"].items():
+        lines.append(f"| {name} ({target['target']}) | {target['value']:+.3f} | {'yes' if target['met'] else 'no'} |")
+    lines += ["", "![self-improvement](results/self_improvement.png)", MARK_END]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--iterations", type=int, default=3)
+    parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument("--run-root", default=str(ROOT / "runs" / "self_improvement"))
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "self_improvement.json"))
+    args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    arms = args.arms.split(",")
+    load_at_start = load_average()
+    results: dict = {}
+    for seed in seeds:
+        results[str(seed)] = {}
+        for arm in arms:
+            print(f"seed {seed}, arm {arm} ...", flush=True)
+            results[str(seed)][arm] = run_arm(arm, seed, args.iterations, Path(args.run_root))
+            print(f"  Test@1 by iteration: {[r['test_accuracy'] for r in results[str(seed)][arm]['iterations']]}",
+                  flush=True)
+    summary = summarize(results, args.iterations)
+    machine = describe_machine(load_at_start)
+    seconds = {arm: mean([results[str(s)][arm]["seconds"] for s in seeds]) for arm in arms}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"benchmark": "self_improvement", "machine": machine, "seeds": seeds,
+                               "iterations": args.iterations, "summary": summary, "runs": results}, indent=2) + "\n")
+    plot(summary, out.with_suffix(".png"))
+    readme = ROOT / "benchmarks" / "README.md"
+    text = readme.read_text() if readme.exists() else "# Benchmarks\n"
+    block = markdown(summary, machine, seeds, seconds)
+    if MARK_BEGIN in text:
+        text = text[: text.index(MARK_BEGIN)] + block + text[text.index(MARK_END) + len(MARK_END):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    readme.write_text(text)
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
