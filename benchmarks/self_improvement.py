@@ -30,28 +30,32 @@ LADDER = (1, 3, 5, 7)
 MARK_BEGIN, MARK_END = "<!-- self-improvement:begin -->", "<!-- self-improvement:end -->"
 
 
-def r3v(*args: str) -> subprocess.CompletedProcess:
+def r3v(*args: str, threads: int | None = None) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "r3v.cli", *args]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ))
+    env = dict(os.environ)
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
     return result
 
 
-def run_arm(arm: str, seed: int, iterations: int, run_root: Path) -> dict:
+def run_arm(arm: str, seed: int, iterations: int, run_root: Path, threads: int | None = None) -> dict:
     run_dir = run_root / f"seed{seed}" / arm
     started = time.perf_counter()
-    r3v("train", "--iterations", str(iterations), "--seed", str(seed), "--out", str(run_dir), *ARMS[arm])
+    r3v("train", "--iterations", str(iterations), "--seed", str(seed), "--out", str(run_dir), *ARMS[arm],
+        threads=threads)
     seconds = time.perf_counter() - started
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    final = json.loads((run_dir / f"iter{iterations}" / "model.json").read_text())
-    model_dir = run_dir / final["path"] if not Path(final["path"]).is_absolute() else Path(final["path"])
-    bench_dir = run_dir / "bench"
+    ref = json.loads((run_dir / f"iter{iterations}" / "model.json").read_text())["ref"]
+    model = [str(run_dir / ref["model"]) if ref["model_in_run"] else ref["model"]]
+    if ref.get("adapter"):
+        model += ["--adapter", str(run_dir / ref["adapter"])]
     bench = json.loads(
-        r3v("bench", "--model", str(model_dir), "--task", "clevr-synth", "--n", str(max(LADDER)),
+        r3v("bench", "--model", *model, "--task", "clevr-synth", "--n", str(max(LADDER)),
             "--n-ladder", ",".join(map(str, LADDER)), "--selector", "self-select", "--seed", str(seed),
-            "--max-new-tokens", str(rows[-1].get("eval_max_new_tokens") or 64), "--json", "--out",
-            str(bench_dir)).stdout
+            "--max-new-tokens", "64", "--json", "--out", str(run_dir / "bench"), threads=threads).stdout
     )
     return {
         "seconds": round(seconds, 1),
@@ -116,14 +120,14 @@ def plot(summary: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def markdown(summary: dict, machine: dict, seeds: list[int], seconds: dict) -> str:
+def markdown(summary: dict, machine: dict, seeds: list[int], seconds: dict, jobs: int) -> str:
     table = summary["test_accuracy_by_iteration"]
     iterations = len(next(iter(table.values())))
     lines = [MARK_BEGIN, "## Self-improvement on the built-in task", "",
              f"`python benchmarks/self_improvement.py` (seeds {', '.join(map(str, seeds))}; written "
              f"{machine['date']} on {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}). "
-             "Each arm is `r3v train --iterations 3` with the README defaults; numbers are Test@1 "
-             "(greedy) on clevr-synth's 200 test questions.", "",
+             f"Each arm is `r3v train --iterations 3` with the README defaults ({jobs} arm(s) at a time); "
+             "numbers are Test@1 (greedy) on clevr-synth's 200 test questions.", "",
              "| arm | " + " | ".join(f"iter {i}" for i in range(iterations)) + " | wall time (s) |",
              "| --- |" + " --- |" * (iterations + 1)]
     for arm, values in table.items():
@@ -146,29 +150,36 @@ def main() -> None:
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--run-root", default=str(ROOT / "runs" / "self_improvement"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "self_improvement.json"))
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="Arms run in parallel, one torch thread each (wall times then include sharing the CPU).")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     arms = args.arms.split(",")
     load_at_start = load_average()
-    results: dict = {}
-    for seed in seeds:
-        results[str(seed)] = {}
-        for arm in arms:
-            print(f"seed {seed}, arm {arm} ...", flush=True)
-            results[str(seed)][arm] = run_arm(arm, seed, args.iterations, Path(args.run_root))
-            print(f"  Test@1 by iteration: {[r['test_accuracy'] for r in results[str(seed)][arm]['iterations']]}",
-                  flush=True)
+    results: dict = {str(seed): {} for seed in seeds}
+    jobs = [(seed, arm) for seed in seeds for arm in arms]
+    threads = 1 if args.jobs > 1 else None
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {job: pool.submit(run_arm, job[1], job[0], args.iterations, Path(args.run_root), threads)
+                   for job in jobs}
+        for (seed, arm), future in futures.items():
+            results[str(seed)][arm] = future.result()
+            accuracies = [r["test_accuracy"] for r in results[str(seed)][arm]["iterations"]]
+            print(f"seed {seed}, arm {arm}: Test@1 by iteration {accuracies}", flush=True)
     summary = summarize(results, args.iterations)
     machine = describe_machine(load_at_start)
     seconds = {arm: mean([results[str(s)][arm]["seconds"] for s in seeds]) for arm in arms}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"benchmark": "self_improvement", "machine": machine, "seeds": seeds,
-                               "iterations": args.iterations, "summary": summary, "runs": results}, indent=2) + "\n")
+                               "iterations": args.iterations, "jobs": args.jobs, "summary": summary,
+                               "runs": results}, indent=2) + "\n")
     plot(summary, out.with_suffix(".png"))
     readme = ROOT / "benchmarks" / "README.md"
     text = readme.read_text() if readme.exists() else "# Benchmarks\n"
-    block = markdown(summary, machine, seeds, seconds)
+    block = markdown(summary, machine, seeds, seconds, args.jobs)
     if MARK_BEGIN in text:
         text = text[: text.index(MARK_BEGIN)] + block + text[text.index(MARK_END) + len(MARK_END):]
     else:

@@ -12,7 +12,7 @@ Each arm runs in its own Python process, so its peak RSS is its own; the arms al
 of the whole training call (data preparation, model load, training, saving), as wall time and
 as the process's CPU time (with one torch thread, the default, CPU time is the work done whatever
 else runs on the machine); tokens are the non-padding tokens (image, prompt, target) fed to the
-model.
+model, and padding_share the share of padding in the batches the model computed on.
 
     .venv/bin/python benchmarks/training.py          # writes benchmarks/results/training.json
     .venv/bin/python benchmarks/training.py --questions 4 --repeats 1   # quicker
@@ -90,7 +90,19 @@ def benchmark_data(questions: int, seed: int = 0):
 
 
 def run_r3v(model_path: str, questions: int, seed: int, out_dir: Path) -> dict[str, Any]:
+    import r3v.train
     from r3v.train import TrainConfig, train
+
+    # Count the padded batch size as well (a measurement hook: the batches are unchanged).
+    padded = {"tokens": 0}
+
+    class CountingCollator(r3v.train.CompletionCollator):
+        def __call__(self, features):
+            batch = super().__call__(features)
+            padded["tokens"] += batch["input_ids"].numel()
+            return batch
+
+    r3v.train.CompletionCollator = CountingCollator
 
     examples, items, counts = benchmark_data(questions, seed)
     config = TrainConfig(
@@ -116,6 +128,7 @@ def run_r3v(model_path: str, questions: int, seed: int, out_dir: Path) -> dict[s
         "item_kinds": counts,
         "steps": result.steps,
         "tokens": result.tokens,
+        "padded_tokens": padded["tokens"],
         "seconds": seconds,
         "cpu_seconds": cpu,
         "loop_seconds": result.seconds,
@@ -178,11 +191,12 @@ def run_trl(model_path: str, questions: int, seed: int, out_dir: Path) -> dict[s
         model=loaded.model, args=args, train_dataset=dataset, processing_class=loaded.processor, peft_config=lora
     )
     # Count what the model is fed, as r3v's trainer does: non-padding tokens of every batch.
-    collator, fed = trainer.data_collator, {"tokens": 0}
+    collator, fed = trainer.data_collator, {"tokens": 0, "padded": 0}
 
     def counting_collator(features):
         batch = collator(features)
         fed["tokens"] += int(batch["attention_mask"].sum())
+        fed["padded"] += batch["input_ids"].numel()
         return batch
 
     trainer.data_collator = counting_collator
@@ -196,6 +210,7 @@ def run_trl(model_path: str, questions: int, seed: int, out_dir: Path) -> dict[s
         "item_kinds": counts,
         "steps": int(output.global_step),
         "tokens": fed["tokens"],
+        "padded_tokens": fed["padded"],
         "seconds": seconds,
         "cpu_seconds": cpu,
         "loop_seconds": loop_seconds,
@@ -272,6 +287,7 @@ def main() -> None:
             "tokens_per_s": round(tokens / seconds, 1),
             "tokens_per_cpu_s": round(tokens / cpu, 1),
             "peak_rss_mib": max(m["peak_rss_mib"] for m in measured),
+            "padding_share": round(1 - tokens / sum(m["padded_tokens"] for m in measured), 4),
             "seconds": round(seconds, 2),
             "cpu_seconds": round(cpu, 2),
             "runs": measured,

@@ -16,6 +16,7 @@ from r3v.cli.common import console, data_options, friendly_errors, make_task, pa
 
 FALLBACK_MODEL = "tiny-qwen2-vl"
 BUILT_IN_BASE = "r3v-clevr-base"
+BUILT_IN_MODELS = (BUILT_IN_BASE, "tiny-qwen2-vl", "tiny-llava")
 
 
 def default_model() -> str:
@@ -75,7 +76,8 @@ def method_name(method: str, no_refine: bool, no_select: bool) -> str:
 @click.option("--temperature", default=0.9, show_default=True)
 @click.option("--top-p", default=0.95, show_default=True)
 @click.option("--top-k", default=50, show_default=True)
-@click.option("--max-new-tokens", default=384, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-new-tokens", default=None, type=click.IntRange(min=1),
+              help="Token limit per sampled rationale [default: 384, R3V's; 64 for the built-in tiny models].")
 @click.option("--eval-samples", default=3, show_default=True, type=click.IntRange(min=0),
               help="Candidates per test question for self-select (0: Test@1 only).")
 @click.option("--eval-max-new-tokens", type=click.IntRange(min=1), default=None,
@@ -135,6 +137,9 @@ def train(
     if grad_accum is not None:  # an explicit accumulation replaces the preset's global batch
         train_config = replace(train_config, global_batch=None)
     train_config = replace(train_config, **{k: v for k, v in overrides.items() if v is not None})
+    if max_new_tokens is None:
+        # clevr-synth rationales are about 30 tokens; a tiny model's 384-token rambles only cost time
+        max_new_tokens = 64 if model in BUILT_IN_MODELS else 384
     sampling = Sampling(n=samples_per_iteration, temperature=temperature, top_p=top_p, top_k=top_k,
                         max_new_tokens=max_new_tokens, seed=seed)
     config = LoopConfig(
