@@ -117,7 +117,7 @@ class DecodeState:
         self.rows = self.rows[index]
 
     def repeat(self, n: int) -> None:
-        """Each row becomes ``n`` consecutive rows sharing its prefill."""
+        """Each row becomes ``n`` consecutive rows sharing its prefill; slot s becomes s*n .. s*n+n-1."""
         if n == 1:
             return
         self.cache.batch_repeat_interleave(n)
@@ -126,7 +126,7 @@ class DecodeState:
         if self.position_ids is not None:
             self.position_ids = self.position_ids.repeat_interleave(n, dim=self.position_ids.dim() - 2)
         self.step_inputs = {k: v.repeat_interleave(n, dim=0) for k, v in self.step_inputs.items()}
-        self.rows = torch.arange(self.rows.shape[0] * n, device=self.rows.device)
+        self.rows = (self.rows[:, None] * n + torch.arange(n, device=self.rows.device)).flatten()
 
 
 def prefill(model, batch: dict[str, torch.Tensor]) -> DecodeState:
