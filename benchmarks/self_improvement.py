@@ -57,8 +57,12 @@ def run_arm(arm: str, seed: int, iterations: int, run_root: Path, threads: int |
             "--n-ladder", ",".join(map(str, LADDER)), "--selector", "self-select", "--seed", str(seed),
             "--max-new-tokens", "64", "--json", "--out", str(run_dir / "bench"), threads=threads).stdout
     )
+    timing = json.loads((run_dir / "timing.json").read_text())
     return {
-        "seconds": round(seconds, 1),
+        # Phase time recorded by the loop itself: a rerun that resumes a finished arm keeps it.
+        "seconds": round(timing["seconds"], 1),
+        "this_call_seconds": round(seconds, 1),
+        "phase_seconds": timing["total"],
         "iterations": [
             {key: row.get(key) for key in ("iteration", "test_accuracy", "select_accuracy", "majority_accuracy",
                                             "pass_at_n", "items", "train_losses", "select_how")}
@@ -79,7 +83,8 @@ def summarize(results: dict, iterations: int) -> dict:
                      if seed_result[arm]["iterations"][it].get(key) is not None])
 
     def ladder(arm: str, k: int, metric: str) -> float:
-        return mean([seed_result[arm]["ladder"][str(k)][metric] for seed_result in results.values()])
+        """``metric`` is first, maj, sel or pass; the bench JSON names them e.g. ``sel@3``."""
+        return mean([seed_result[arm]["ladder"][str(k)][f"{metric}@{k}"] for seed_result in results.values()])
 
     r3v_start, r3v_end = acc("r3v", 0, "test_accuracy"), acc("r3v", iterations, "test_accuracy")
     relative = (r3v_end - r3v_start) / r3v_start if r3v_start else float("inf") if r3v_end > 0 else 0.0
@@ -90,14 +95,13 @@ def summarize(results: dict, iterations: int) -> dict:
             "met": r3v_end > acc("star", iterations, "test_accuracy"),
         },
         "select_minus_majority_at_n3": {
-            "value": ladder("r3v", 3, "sel@k") - ladder("r3v", 3, "maj@k"), "target": "> 0",
-            "met": ladder("r3v", 3, "sel@k") > ladder("r3v", 3, "maj@k"),
+            "value": ladder("r3v", 3, "sel") - ladder("r3v", 3, "maj"), "target": "> 0",
+            "met": ladder("r3v", 3, "sel") > ladder("r3v", 3, "maj"),
         },
     }
     table = {arm: [acc(arm, it, "test_accuracy") for it in range(iterations + 1)] for arm in ARMS}
     return {"test_accuracy_by_iteration": table, "targets": targets,
-            "ladder_r3v": {k: {m: ladder("r3v", k, m) for m in ("first@k", "maj@k", "sel@k", "pass@k")}
-                           for k in LADDER}}
+            "ladder_r3v": {k: {m: ladder("r3v", k, m) for m in ("first", "maj", "sel", "pass")} for k in LADDER}}
 
 
 def plot(summary: dict, path: Path) -> None:
@@ -112,8 +116,9 @@ def plot(summary: dict, path: Path) -> None:
     left.set(xlabel="iteration", ylabel="Test@1 (greedy)", title="clevr-synth: training arms")
     left.legend()
     ks = sorted(summary["ladder_r3v"], key=int)
-    for metric in ("first@k", "maj@k", "sel@k", "pass@k"):
-        right.plot([int(k) for k in ks], [summary["ladder_r3v"][k][metric] for k in ks], marker="o", label=metric)
+    names = {"first": "first (Test@1)", "maj": "majority", "sel": "self-select", "pass": "pass@N (oracle)"}
+    for metric, label in names.items():
+        right.plot([int(k) for k in ks], [summary["ladder_r3v"][k][metric] for k in ks], marker="o", label=label)
     right.set(xlabel="N (samples per question)", ylabel="accuracy", title="R3V final model: selection")
     right.legend()
     fig.tight_layout()
@@ -135,7 +140,7 @@ def markdown(summary: dict, machine: dict, seeds: list[int], seconds: dict, jobs
     lines += ["", "Test-time selection with the final R3V model (same samples for every selector):", "",
               "| N | first | majority | self-select | pass@N |", "| --- | --- | --- | --- | --- |"]
     for k, row in sorted(summary["ladder_r3v"].items(), key=lambda kv: int(kv[0])):
-        lines.append(f"| {k} | {row['first@k']:.3f} | {row['maj@k']:.3f} | {row['sel@k']:.3f} | {row['pass@k']:.3f} |")
+        lines.append(f"| {k} | {row['first']:.3f} | {row['maj']:.3f} | {row['sel']:.3f} | {row['pass']:.3f} |")
     lines += ["", "| target | value | met |", "| --- | --- | --- |"]
     for name, target in summary["targets"].items():
         lines.append(f"| {name} ({target['target']}) | {target['value']:+.3f} | {'yes' if target['met'] else 'no'} |")
