@@ -40,59 +40,19 @@ BUILD_VERSION = "1"
 
 def build_benchmark_model(path: Path, seed: int = 0) -> Path:
     """A Qwen2-VL with a 4-layer, 256-wide language model and a processor that keeps 448 px images."""
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from r3v.models.loading import Qwen2VLProcessorNoVideo
-    from r3v.models.tiny import CHAT_TEMPLATE, QWEN_SPECIAL_TOKENS, train_tokenizer
+    from r3v.models.tiny import QWEN_SPECIAL_TOKENS, qwen2_vl_model, save_qwen2_vl, train_tokenizer
 
     if (path / "config.json").exists():
         return path
     torch.manual_seed(seed)
     tokenizer = train_tokenizer(QWEN_SPECIAL_TOKENS)
-    ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in QWEN_SPECIAL_TOKENS}
-    config = Qwen2VLConfig(
-        text_config={
-            "vocab_size": len(tokenizer),
-            "hidden_size": 256,
-            "intermediate_size": 768,
-            "num_hidden_layers": 4,
-            "num_attention_heads": 8,
-            "num_key_value_heads": 2,
-            "head_dim": 32,
-            "max_position_embeddings": 4096,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
-            "tie_word_embeddings": True,
-            "bos_token_id": ids["<|im_start|>"],
-            "eos_token_id": ids["<|im_end|>"],
-            "pad_token_id": ids["<|endoftext|>"],
-        },
-        vision_config={
-            "depth": 2,
-            "embed_dim": 64,
-            "hidden_size": 256,
-            "num_heads": 2,
-            "mlp_ratio": 2,
-            "patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "in_channels": 3,
-        },
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True,
-    )
-    model = Qwen2VLForConditionalGeneration(config)
-    model.generation_config.eos_token_id = ids["<|im_end|>"]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model = qwen2_vl_model(tokenizer, hidden=256, intermediate=768, layers=4, heads=8, vision_hidden=256,
+                           max_positions=4096)
     image_processor = Qwen2VLImageProcessorPil(min_pixels=IMAGE_PX * IMAGE_PX, max_pixels=IMAGE_PX * IMAGE_PX)
-    template = CHAT_TEMPLATE.replace("IMAGE_PLACEHOLDER", "<|vision_start|><|image_pad|><|vision_end|>")
-    processor = Qwen2VLProcessorNoVideo(image_processor=image_processor, tokenizer=tokenizer, chat_template=template)
     tmp = path.with_name(path.name + ".tmp")
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
+    save_qwen2_vl(tmp, model, tokenizer, image_processor)
     os.replace(tmp, path)
     return path
 

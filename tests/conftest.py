@@ -21,6 +21,18 @@ def r3v_cache(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """One torch thread: tiny models gain nothing from two, and on a shared 2-core machine two
+    threads per op are several times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_qwen(r3v_cache) -> str:
     from r3v.models.tiny import tiny_model_path

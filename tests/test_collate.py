@@ -27,15 +27,6 @@ from r3v.records import TrainItem
 MODELS = ["tiny_qwen", "tiny_llava"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on a shared 2-core machine, two threads per op are several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def loaded(request):
     cache = {}

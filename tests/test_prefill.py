@@ -17,15 +17,6 @@ from r3v.models.batching import collate, encode
 WIDE = Sampling(n=3, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=8, seed=3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on a shared 2-core machine, two threads per op are several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def requests_three(clevr_task) -> list[Request]:
     examples = clevr_task.load("test", limit=3)

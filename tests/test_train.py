@@ -32,15 +32,6 @@ from r3v.train import (
 WEIGHTS = {"sft": 1.0, "refine": 0.5, "select": 2.0}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on a shared 2-core machine, two threads per op are several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data(clevr_task):
     """Eight items covering the three objectives, one per example."""

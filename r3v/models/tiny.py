@@ -127,24 +127,32 @@ def _image_processor_qwen():
     return Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112)
 
 
-def _build_qwen2_vl(path: Path) -> None:
+def qwen2_vl_model(
+    tokenizer,
+    hidden: int = 128,
+    intermediate: int = 256,
+    layers: int = 2,
+    heads: int = 4,
+    vision_hidden: int = 128,
+    max_positions: int = 2048,
+):
+    """A randomly initialised ``Qwen2VLForConditionalGeneration`` sized by the arguments.
+
+    Heads are 32 wide, so M-RoPE's sections must sum to 16 (not the 64 of head_dim 128).
+    """
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    from r3v.models.loading import Qwen2VLProcessorNoVideo
-
-    tokenizer = train_tokenizer(QWEN_SPECIAL_TOKENS)
     ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in QWEN_SPECIAL_TOKENS}
-    head_dim = 32
     config = Qwen2VLConfig(
         text_config={
             "vocab_size": len(tokenizer),
-            "hidden_size": 128,
-            "intermediate_size": 256,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
+            "hidden_size": hidden,
+            "intermediate_size": intermediate,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
             "num_key_value_heads": 2,
-            "head_dim": head_dim,
-            "max_position_embeddings": 2048,
+            "head_dim": 32,
+            "max_position_embeddings": max_positions,
             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
             "tie_word_embeddings": True,
             "bos_token_id": ids["<|im_start|>"],
@@ -154,7 +162,7 @@ def _build_qwen2_vl(path: Path) -> None:
         vision_config={
             "depth": 2,
             "embed_dim": 64,
-            "hidden_size": 128,
+            "hidden_size": vision_hidden,
             "num_heads": 2,
             "mlp_ratio": 2,
             "patch_size": 14,
@@ -171,12 +179,22 @@ def _build_qwen2_vl(path: Path) -> None:
     model = Qwen2VLForConditionalGeneration(config)
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    return model
+
+
+def save_qwen2_vl(path: Path, model, tokenizer, image_processor) -> None:
+    """Save model and processor (ChatML template, Qwen's image placeholder) with ``save_pretrained``."""
+    from r3v.models.loading import Qwen2VLProcessorNoVideo
+
     template = CHAT_TEMPLATE.replace("IMAGE_PLACEHOLDER", "<|vision_start|><|image_pad|><|vision_end|>")
-    processor = Qwen2VLProcessorNoVideo(
-        image_processor=_image_processor_qwen(), tokenizer=tokenizer, chat_template=template
-    )
+    processor = Qwen2VLProcessorNoVideo(image_processor=image_processor, tokenizer=tokenizer, chat_template=template)
     model.save_pretrained(path)
     processor.save_pretrained(path)
+
+
+def _build_qwen2_vl(path: Path) -> None:
+    tokenizer = train_tokenizer(QWEN_SPECIAL_TOKENS)
+    save_qwen2_vl(path, qwen2_vl_model(tokenizer), tokenizer, _image_processor_qwen())
 
 
 def _build_llava(path: Path) -> None:
