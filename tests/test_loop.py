@@ -134,17 +134,25 @@ def test_rerun_with_other_settings_is_refused(finished_run):
 
 
 @pytest.mark.slow
-def test_kill_and_resume_matches_uninterrupted_run(finished_run, tmp_path):
+@pytest.mark.parametrize(
+    "kill_at",
+    [
+        "iter1/samples.jsonl",  # mid-sampling: the first chunk is on disk
+        "iter0/model.json",  # between phases: iteration 0 trained, not yet evaluated
+        "iter1/model/train_log.jsonl",  # mid-epoch: the first optimizer step of iteration 1 is logged
+    ],
+)
+def test_kill_and_resume_matches_uninterrupted_run(finished_run, tmp_path, kill_at):
     reference, _ = finished_run
     out = tmp_path / "killed"
     command = [sys.executable, "-c", "from r3v.cli import main; main()", *ARGS, "--out", str(out)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
-    target = out / "iter1" / "samples.jsonl"
+    target = out / kill_at
     deadline = time.monotonic() + 120
     try:
         while not (target.exists() and target.stat().st_size > 0):
             assert process.poll() is None, "the run ended before it could be killed"
-            assert time.monotonic() < deadline, "no samples appeared"
+            assert time.monotonic() < deadline, f"{kill_at} did not appear"
             time.sleep(0.02)
         process.send_signal(signal.SIGKILL)
     finally:
