@@ -93,13 +93,19 @@ def run_r3v(model_path: str, questions: int, seed: int, out_dir: Path) -> dict[s
     import r3v.train
     from r3v.train import TrainConfig, train
 
-    # Count the padded batch size as well (a measurement hook: the batches are unchanged).
-    padded = {"tokens": 0}
+    from r3v.models.shared_images import IMAGE_INDEX_KEY
+
+    # Count the padded batch size and the images the batches show (a measurement hook: the
+    # batches are unchanged); the trainer reports how many it ran the vision encoder on.
+    padded = {"tokens": 0, "images_shown": 0, "images_kept": 0}
 
     class CountingCollator(r3v.train.CompletionCollator):
         def __call__(self, features):
             batch = super().__call__(features)
             padded["tokens"] += batch["input_ids"].numel()
+            kept = batch["image_grid_thw"].shape[0]
+            padded["images_kept"] += kept
+            padded["images_shown"] += len(batch[IMAGE_INDEX_KEY]) if IMAGE_INDEX_KEY in batch else kept
             return batch
 
     r3v.train.CompletionCollator = CountingCollator
@@ -129,6 +135,9 @@ def run_r3v(model_path: str, questions: int, seed: int, out_dir: Path) -> dict[s
         "steps": result.steps,
         "tokens": result.tokens,
         "padded_tokens": padded["tokens"],
+        "images_shown": padded["images_shown"],
+        # Every item here has one image, so image sets are images.
+        "images_encoded": result.encoder_cache["encoded"] if result.encoder_cache else padded["images_kept"],
         "seconds": seconds,
         "cpu_seconds": cpu,
         "loop_seconds": result.seconds,
@@ -292,6 +301,9 @@ def main() -> None:
             "cpu_seconds": round(cpu, 2),
             "runs": measured,
         }
+        if "images_shown" in measured[0]:
+            shown = sum(m["images_shown"] for m in measured)
+            summary[name]["images_encoded_share"] = round(sum(m["images_encoded"] for m in measured) / shown, 4)
     first = runs["r3v"][0]
     result = {
         "benchmark": "training",

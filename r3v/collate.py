@@ -25,6 +25,7 @@ from r3v.backends.base import Request
 from r3v.errors import DataError
 from r3v.models.batching import SEQUENCE_KEYS, collate
 from r3v.models.batching import encode as encode_prompt
+from r3v.models.shared_images import IMAGE_INDEX_KEY, IMAGE_SET_KEY, IMAGE_SETS_KEY, distinct_image_sets
 from r3v.records import OBJECTIVE_OF_KIND, Example, TrainItem, load_image
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,8 @@ class CompletionCollator:
     """
 
     pad_token_id: int
+    share_images: bool = False
+    """Keep each distinct image set's vision tensors once (see ``r3v.models.shared_images``)."""
 
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         sequence_keys = [k for k in SEQUENCE_KEYS if any(k in f for f in features)]
@@ -128,10 +131,15 @@ class CompletionCollator:
                 row[key] = feature[key] if key in feature else torch.zeros(length, dtype=torch.long)
             rows.append(row)
         batch = collate(rows, self.pad_token_id, padding_side="right")
-        other_keys = [k for k in features[0] if k not in SEQUENCE_KEYS and k != "objective"]
-        other_keys += [k for f in features for k in f if k not in SEQUENCE_KEYS and k != "objective" and k not in other_keys]
+        vision_rows = features
+        if self.share_images:
+            vision_rows, image_index, image_sets = distinct_image_sets(features)
+            if image_index is not None:
+                batch[IMAGE_INDEX_KEY], batch[IMAGE_SETS_KEY] = image_index, image_sets
+        not_vision = {*SEQUENCE_KEYS, "objective", IMAGE_SET_KEY}
+        other_keys = [k for f in features for k in f if k not in not_vision]
         for key in dict.fromkeys(other_keys):
-            batch[key] = torch.cat([f[key] for f in features if key in f], dim=0)
+            batch[key] = torch.cat([f[key] for f in vision_rows if key in f], dim=0)
         batch["objective"] = torch.tensor([int(f["objective"]) for f in features], dtype=torch.long)
         return batch
 
@@ -164,6 +172,8 @@ class ItemDataset(Dataset):
         self.truncated: list[str] = []
         self.skipped: list[str] = []
         self._cache: list[dict[str, torch.Tensor] | None] = []
+        self.image_sets: list[tuple[int, int] | None] = []  # (image set id, number of images) per item
+        set_ids: dict[tuple, int] = {}
         shared: dict[tuple, dict[str, torch.Tensor]] = {}  # image tensors of cached items, by image source
         used = 0
         for position, item in enumerate(items):
@@ -187,6 +197,7 @@ class ItemDataset(Dataset):
             if keep and sources and not reused:
                 shared[key] = {k: v for k, v in features.items() if k not in SEQUENCE_KEYS}
             self.entries.append((item, sources))
+            self.image_sets.append((set_ids.setdefault(key, len(set_ids)), len(sources)) if sources else None)
             self._cache.append(features if keep else None)
             self.lengths.append(int(features["input_ids"].shape[0]))
             self.objectives.append(objective)
@@ -211,7 +222,8 @@ class ItemDataset(Dataset):
             item, sources = self.entries[index]
             images = [load_image(src, record=item.example_id) for src in sources]
             features, _ = encode_item(self.processor, item.prompt, item.target, images, self.end_token, self.max_length)
-        return {**features, "objective": self.objectives[index]}
+        extra = {IMAGE_SET_KEY: self.image_sets[index]} if self.image_sets[index] else {}
+        return {**features, "objective": self.objectives[index], **extra}
 
     def items_per_objective(self) -> dict[str, int]:
         return {name: self.objectives.count(i) for i, name in enumerate(OBJECTIVES)}

@@ -39,6 +39,7 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 from r3v.collate import OBJECTIVES, CompletionCollator, ItemDataset, LengthGroupedSampler, tokenizer_of
 from r3v.errors import DataError
 from r3v.io import append_jsonl, atomic_write_json, atomic_write_text, iter_jsonl, repair_jsonl_tail
+from r3v.models import shared_images
 from r3v.records import Example, TrainItem
 
 log = logging.getLogger("r3v.train")  # a fixed name: also when run as __main__
@@ -67,7 +68,7 @@ FAMILY_ALIASES = {
 
 # Fields that may change between a run and its resumption: they do not change what the
 # checkpoints on disk mean (more epochs continue the same run).
-RESUMABLE_FIELDS = {"epochs", "logging_steps", "save_total_limit", "num_workers", "encode_cache_mb"}
+RESUMABLE_FIELDS = {"epochs", "logging_steps", "save_total_limit", "num_workers", "encode_cache_mb", "encoder_cache_mb"}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -133,6 +134,8 @@ class TrainConfig:
     """Optimizer steps between Trainer log lines (train_log.jsonl gets every step)."""
     freeze_vision_tower: bool = True
     """In full fine-tuning, keep the vision encoder frozen (its projector/merger still trains)."""
+    freeze_projector: bool = False
+    """In full fine-tuning, also keep the projector/merger frozen (the whole image path fixed)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward: less memory, about 30% slower."""
     num_workers: int = 0
@@ -141,6 +144,8 @@ class TrainConfig:
     """Checkpoints kept in out_dir/checkpoints (the newest); None keeps all."""
     encode_cache_mb: int = 1024
     """Encoded items (pixels included) kept in RAM; items past it are re-encoded when used."""
+    encoder_cache_mb: int = 512
+    """Vision-encoder outputs kept across steps while the encoder is frozen (LoRA), on its device; 0: off."""
     trust_remote_code: bool = False
     """Allow model code from the hub when loading the model."""
 
@@ -199,9 +204,11 @@ class TrainConfig:
 
     @classmethod
     def tiny(cls) -> TrainConfig:
-        """Settings for the built-in tiny models on a CPU: full fine-tuning at a high rate, few epochs."""
+        """Settings for the built-in tiny models on a CPU: full fine-tuning of the language model at a
+        high rate, few epochs. The image path stays frozen: trained from scratch jointly with the
+        language model, the tiny encoder collapses to image-independent features (measured)."""
         return cls(
-            lora=False, freeze_vision_tower=False, learning_rate=1e-3, warmup_ratio=0.05, epochs=2,
+            lora=False, freeze_vision_tower=True, freeze_projector=True, learning_rate=1e-3, warmup_ratio=0.05, epochs=2,
             batch_size=16, grad_accum=1, max_length=1024, logging_steps=5,
         )
 
@@ -254,6 +261,8 @@ class TrainResult:
     """Items whose target was cut to fit max_length."""
     resumed_from: str | None = None
     """The checkpoint this call resumed from, if any."""
+    encoder_cache: dict[str, float] | None = None
+    """With a frozen vision encoder: image sets encoded and reused from the cache in this call."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -303,6 +312,7 @@ class ObjectiveTrainer(Trainer):
         self._step_stats: torch.Tensor | None = None
         self._since_log = torch.zeros(2 * len(OBJECTIVES))
         self._lr = None
+        self.encoder_cache: shared_images.EncoderCache | None = None
         self.add_callback(_StepHooks(self))
         self.remove_callback(PrinterCallback)  # log lines go to the r3v.train logger instead of stdout
 
@@ -326,7 +336,9 @@ class ObjectiveTrainer(Trainer):
         objective = inputs.pop("objective")
         labels = inputs.pop("labels")
         tokens = inputs["attention_mask"].sum()
-        outputs = model(**inputs)
+        outputs = shared_images.forward(
+            model, inputs, encoder_model=self.accelerator.unwrap_model(model), cache=self.encoder_cache
+        )
         sums, counts = objective_token_losses(outputs.logits, labels, objective)
         weighted = (self.loss_weights.to(sums.device) * sums).sum()
         items = num_items_in_batch if num_items_in_batch is not None else counts.sum()
@@ -496,6 +508,11 @@ def train(
         log_path=out / LOG_FILE if state.is_main_process else None,
         history=history,
     )
+    # Sharing calls the encoder outside the wrapped forward, which ZeRO-3 / FSDP sharding does not allow.
+    share = shared_images.supports_shared_images(network) and not (trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled)
+    trainer.data_collator.share_images = share
+    if share and config.encoder_cache_mb > 0 and shared_images.encoder_is_frozen(network):
+        trainer.encoder_cache = shared_images.EncoderCache(config.encoder_cache_mb << 20)
     started = time.perf_counter()
     try:
         trainer.train(resume_from_checkpoint=checkpoint)
@@ -503,6 +520,12 @@ def train(
         exc.last_checkpoint = _last_complete_checkpoint(out / CHECKPOINT_DIR)
         raise
     seconds = time.perf_counter() - started
+    cache_stats = None
+    if trainer.encoder_cache is not None:
+        cache = trainer.encoder_cache
+        cache_stats = {"encoded": cache.misses, "reused": cache.hits, "mib": round(cache.used_bytes / 2**20, 2)}
+        log.info("vision encoder: %d image set(s) encoded, %d reused from the cache (%.1f MiB held)",
+                 cache.misses, cache.hits, cache.used_bytes / 2**20)
 
     output_path = _save_final(trainer, out, config.lora, state)
     result = TrainResult(
@@ -518,6 +541,7 @@ def train(
         skipped_items=len(dataset.skipped),
         truncated_items=len(dataset.truncated),
         resumed_from=checkpoint,
+        encoder_cache=cache_stats,
     )
     if state.is_main_process:
         atomic_write_json(out / DONE_FILE, {"run_key": run_key, "result": result.to_dict()})
@@ -592,7 +616,8 @@ def _load_dtype(config: TrainConfig, args: TrainingArguments) -> str:
 
 def prepare_model(model, config: TrainConfig, init_adapter: str | None = None):
     """Wrap ``model`` for training: LoRA on ``lora_target`` (or an initial adapter), or full
-    fine-tuning with the vision encoder frozen when ``freeze_vision_tower``."""
+    fine-tuning with the vision encoder (``freeze_vision_tower``) and its projector
+    (``freeze_projector``) frozen as configured."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     if init_adapter and config.lora:
@@ -605,9 +630,11 @@ def prepare_model(model, config: TrainConfig, init_adapter: str | None = None):
             target_modules=config.lora_target, bias="none",
         )
         model = get_peft_model(model, lora)
-    if not config.lora and config.freeze_vision_tower:
+    if not config.lora and (config.freeze_vision_tower or config.freeze_projector):
         for name, param in model.named_parameters():
-            if VISION_TOWER_PATTERN.search(name):
+            tower = VISION_TOWER_PATTERN.search(name)
+            projector = not tower and shared_images.ENCODER_PARAMETERS.search(name)
+            if (tower and config.freeze_vision_tower) or (projector and config.freeze_projector):
                 param.requires_grad_(False)
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("no trainable parameters: check lora_target / freeze settings")

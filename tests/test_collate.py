@@ -21,6 +21,7 @@ from r3v.collate import (
 from r3v.errors import DataError
 from r3v.models.batching import SEQUENCE_KEYS, encode
 from r3v.models.loading import load_model
+from r3v.models.shared_images import IMAGE_SET_KEY
 from r3v.prompts import refine_prompt, select_prompt
 from r3v.records import TrainItem
 
@@ -236,7 +237,7 @@ def test_items_with_the_same_image_share_its_tensors(loaded, clevr_task, example
         return sum(features[k].numel() * features[k].element_size() for k in keys)
 
     text_keys = [k for k in rows[0] if k in SEQUENCE_KEYS]
-    image_keys = [k for k in rows[0] if k not in SEQUENCE_KEYS and k != "objective"]
+    image_keys = [k for k in rows[0] if k not in SEQUENCE_KEYS and k not in ("objective", IMAGE_SET_KEY)]
     budget = nbytes(rows[0], image_keys) + sum(nbytes(rows[i], text_keys) for i in range(3))
     assert budget < 2 * nbytes(rows[0], image_keys)  # without sharing, only one of them would fit
     tight = ItemDataset(processor, items[:3], by_id, max_length=2048, cache_bytes=budget)

@@ -95,3 +95,30 @@ def test_processor_is_multimodal_and_expands_image_tokens(name, r3v_cache, clevr
     assert "pixel_values" in encoded
     if name == "tiny-qwen2-vl":
         assert {"image_grid_thw", "mm_token_type_ids"} <= encoded.keys()
+
+
+def test_the_shipped_base_model_reads_the_image(clevr_task):
+    """The built-in base model's rationales depend on the image it is shown, not only on the
+    question: on train questions (not seen in its warm-up) the teacher's rationales are much
+    likelier under their own image than under another question's image."""
+    from r3v.collate import CompletionCollator, ItemDataset
+    from r3v.models.base_model import base_model_path
+    from r3v.records import TrainItem
+
+    lm = load_model(str(base_model_path()))
+    examples = clevr_task.load("train", limit=48)
+
+    def loss(shift: int) -> float:
+        items = [
+            TrainItem("distill", ex.id, clevr_task.cot_prompt(ex), clevr_task.teacher_rationale(ex),
+                      images=[examples[(i + shift) % len(examples)].images[0]])
+            for i, ex in enumerate(examples)
+        ]
+        dataset = ItemDataset(lm.processor, items, {}, max_length=1024)
+        batch = CompletionCollator(lm.processor.tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))])
+        batch.pop("objective")
+        with torch.no_grad():
+            return float(lm.model(**batch).loss)
+
+    own, other = loss(0), loss(7)
+    assert own < 0.85 * other, (own, other)

@@ -140,6 +140,8 @@ def test_outputs_log_and_result(lora_run, data):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["settings"]["config"]["loss_weights"] == WEIGHTS and "torch" in manifest["versions"]
     assert not list(out.glob(".adapter*"))  # no partial final output left behind
+    # LoRA leaves the vision encoder frozen: each of the 8 images is encoded in epoch 1 only.
+    assert result.encoder_cache["encoded"] == 8 and result.encoder_cache["reused"] == 8
 
 
 def test_lora_touches_only_the_language_model(lora_run, tiny_qwen, tiny_llava):
@@ -268,9 +270,11 @@ def test_nonfinite_values_stop_training_and_keep_the_last_good_checkpoint(
 
 def test_full_fine_tuning_lowers_the_loss_and_saves_a_loadable_model(tiny_qwen, data, tmp_path):
     items, examples = data
-    config = replace(TrainConfig.tiny(), epochs=4, batch_size=4, logging_steps=4)
+    config = replace(TrainConfig.tiny(), epochs=4, batch_size=4, logging_steps=4, freeze_vision_tower=False,
+                     freeze_projector=False)
     result = train(tiny_qwen, items, examples, config, tmp_path)
     assert not result.is_adapter and result.steps == 8
+    assert result.encoder_cache is None  # the encoder trains: its outputs change every step
     assert (tmp_path / "model" / "model.safetensors").exists()
 
     def mean_loss(path: str) -> float:
@@ -305,3 +309,17 @@ def test_config_presets_and_validation():
     with pytest.raises(ValueError, match="unknown TrainConfig field"):
         TrainConfig.from_dict({"lr": 1.0})
     assert TrainConfig(loss_weights={"refine": 0.5}).loss_weights == {"sft": 1.0, "refine": 0.5, "select": 1.0}
+
+
+@pytest.mark.parametrize("name", ["tiny_qwen", "tiny_llava"])
+def test_the_tiny_preset_freezes_the_image_path_and_trains_the_language_model(name, request):
+    from r3v.models.shared_images import ENCODER_PARAMETERS, encoder_is_frozen
+
+    model = prepare_model(load_model(request.getfixturevalue(name)).model, TrainConfig.tiny())
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and not [n for n in trainable if ENCODER_PARAMETERS.search(n)]
+    assert any("language_model" in n for n in trainable) and encoder_is_frozen(model)
+    # Only the tower frozen: the projector / merger trains.
+    model = prepare_model(load_model(request.getfixturevalue(name)).model, replace(TrainConfig.tiny(), freeze_projector=False))
+    projector = [n for n, p in model.named_parameters() if p.requires_grad and ENCODER_PARAMETERS.search(n)]
+    assert projector and all(("merger" in n) or ("multi_modal_projector" in n) for n in projector)

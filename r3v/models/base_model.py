@@ -1,11 +1,12 @@
 """``r3v-clevr-base``: the built-in base model for ``clevr-synth``, trained from scratch.
 
 A tiny ``Qwen2VLForConditionalGeneration`` (about 0.6M parameters) is built from a config with a
-fixed seed, then trained briefly on clevr-synth's ``pretrain`` split (disjoint from train and test): direct-answer
-QA (the bare answer, as R3V's QA data) plus a share of
-the programmatic teacher's rationales. It stops at a weak chain-of-thought level, like the
-paper's starting point: it errs often, but among several samples it is often right. That is
-the regime where learning from its own rationales can help.
+fixed seed, its projector is calibrated on a few images (``calibrate_projector``), and its language
+model is trained briefly, image path frozen, on clevr-synth's ``pretrain`` split (disjoint from
+train and test): direct-answer QA (the bare answer, as R3V's QA data) plus the programmatic
+teacher's rationales. It stops at a weak chain-of-thought level, like the paper's starting point:
+it errs often, but among several samples it is often right. That is the regime where learning
+from its own rationales can help.
 
 The weights ship inside the package (``r3v/models/r3v-clevr-base``, a few MB), so the main job
 spends no time on them. ``python -m r3v.models.base_model`` rebuilds them, deterministically.
@@ -24,9 +25,10 @@ from r3v.models.tiny import build_tiny_model, cache_root
 NAME = "r3v-clevr-base"
 SHIPPED = Path(__file__).resolve().parent / NAME
 #: What the shipped weights were built with; the defaults of ``build_base_model``.
-RECIPE = {"seed": 0, "qa_items": 2000, "cot_items": 2000, "epochs": 1.0, "learning_rate": 3e-3, "batch_size": 32}
+RECIPE = {"seed": 0, "qa_items": 2000, "cot_items": 2000, "epochs": 4.0, "learning_rate": 3e-3, "batch_size": 32,
+          "calibration_images": 64}
 #: Bump when the recipe or clevr-synth changes, so cached builds are not reused.
-VERSION = 3
+VERSION = 4
 
 
 def base_model_path() -> Path:
@@ -55,6 +57,7 @@ def build_base_model(out: str | Path, **overrides) -> Path:
         task = ClevrSynth()
         # The "pretrain" split is disjoint from the train and test splits the R3V loop uses.
         examples = task.load("pretrain", limit=recipe["qa_items"])
+        calibrate_projector(scratch, [ex.load_images()[0] for ex in examples[: recipe["calibration_images"]]])
         items = qa_items(task, examples) + [
             TrainItem("distill", ex.id, task.cot_prompt(ex), task.teacher_rationale(ex))
             for ex in examples[: recipe["cot_items"]]
@@ -66,6 +69,7 @@ def build_base_model(out: str | Path, **overrides) -> Path:
         config.batch_size = recipe["batch_size"]
         config.grad_accum = 1
         config.seed = recipe["seed"]
+        config.freeze_vision_tower = config.freeze_projector = True
         result = train(str(scratch), items, {ex.id: ex for ex in examples}, config, work / "trained", resume=False)
         final = work / "final"
         final.mkdir()
@@ -86,12 +90,42 @@ def build_base_model(out: str | Path, **overrides) -> Path:
     return out
 
 
+def calibrate_projector(model_dir: Path, images: list) -> None:
+    """Rescale and centre the projector's last layer so that image features over ``images`` have
+    unit scale and zero mean, and save the model back.
+
+    A randomly initialised tower's features share a large image-independent part (the empty
+    background) and vary little around it: a language model trained on them stays at the answer
+    prior, and training the tower with it collapses the features further (both measured). This is
+    the data-dependent initialisation a from-scratch toy needs in place of a pretrained encoder.
+    """
+    import torch
+
+    from r3v.models.loading import load_model
+
+    loaded = load_model(str(model_dir))
+    model = loaded.model
+    encoded = loaded.processor.image_processor(images, return_tensors="pt")
+    last = model.model.visual.merger.mlp[-1]
+    with torch.no_grad():
+        features = torch.cat(model.get_image_features(
+            pixel_values=encoded["pixel_values"], image_grid_thw=encoded["image_grid_thw"], return_dict=True
+        ).pooler_output)
+        scale = 1.0 / float(features.std())
+        last.weight.mul_(scale)
+        last.bias.mul_(scale).sub_(features.mean(0) * scale)
+    model.save_pretrained(model_dir)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Rebuild the built-in r3v-clevr-base model.")
     parser.add_argument("--out", default=str(SHIPPED))
     parser.add_argument("--epochs", type=float, default=RECIPE["epochs"])
     parser.add_argument("--cot-items", type=int, default=RECIPE["cot_items"])
     args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(1)  # float reductions differ with the thread count; the shipped build used one
     path = build_base_model(args.out, epochs=args.epochs, cot_items=args.cot_items)
     print(path)
 
