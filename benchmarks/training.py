@@ -91,9 +91,8 @@ def benchmark_data(questions: int, seed: int = 0):
 
 def run_r3v(model_path: str, questions: int, seed: int, out_dir: Path) -> dict[str, Any]:
     import r3v.train
-    from r3v.train import TrainConfig, train
-
     from r3v.models.shared_images import IMAGE_INDEX_KEY
+    from r3v.train import TrainConfig, train
 
     # Count the padded batch size and the images the batches show (a measurement hook: the
     # batches are unchanged); the trainer reports how many it ran the vision encoder on.
