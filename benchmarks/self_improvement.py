@@ -6,8 +6,10 @@ N = 1, 3, 5, 7 for first, majority, self-select and oracle. Everything goes thro
 a user runs. Results go to benchmarks/results/self_improvement.json, a plot beside it, and a
 markdown table into benchmarks/README.md (between the self-improvement markers).
 
-    python benchmarks/self_improvement.py                 # 1 seed, as recorded
-    python benchmarks/self_improvement.py --seeds 0,1,2   # more seeds, if time allows
+    python benchmarks/self_improvement.py --seeds 0,1,2 --jobs 2   # as recorded: about 40 min on 2 cores
+    python benchmarks/self_improvement.py                          # seed 0 only
+
+A rerun reuses finished arms in --run-root (each arm's loop resumes), so only new work runs.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -64,12 +67,37 @@ def run_arm(arm: str, seed: int, iterations: int, run_root: Path, threads: int |
         "this_call_seconds": round(seconds, 1),
         "phase_seconds": timing["total"],
         "iterations": [
-            {key: row.get(key) for key in ("iteration", "test_accuracy", "select_accuracy", "majority_accuracy",
-                                            "pass_at_n", "items", "train_losses", "select_how")}
+            {**{key: row.get(key) for key in ("iteration", "test_accuracy", "select_accuracy", "majority_accuracy",
+                                              "pass_at_n", "train_samples", "items", "train_losses", "select_how")},
+             **faithfulness(run_dir / f"iter{row['iteration']}")}
             for row in rows
         ],
         "ladder": bench["ladder"],
         "bench_counts": bench.get("counts"),
+    }
+
+
+COUNT_STEP = re.compile(r"There are (\d+) (\w+)")
+
+
+def faithfulness(iteration_dir: Path) -> dict:
+    """How often a rationale's counting steps ("There are N objects", ...) are all right: over the
+    iteration's greedy test answers, and over its positives (the train samples, drawn by the previous
+    iteration's model, whose final answer is right). The final-answer check cannot see these steps."""
+    from r3v.tasks.clevr_synth import ClevrSynth
+
+    def share(path: Path, split: str, only_correct: bool) -> float | None:
+        if not path.exists():
+            return None
+        steps = {ex.id: COUNT_STEP.findall(ex.metadata["rationale"]) for ex in ClevrSynth().load(split)}
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = [r for r in rows if r["correct"] or not only_correct]
+        good = sum(COUNT_STEP.findall(r["text"])[: len(steps[r["example_id"]])] == steps[r["example_id"]] for r in rows)
+        return round(good / len(rows), 4) if rows else None
+
+    return {
+        "test_rationales_faithful": share(iteration_dir / "eval" / "greedy.jsonl", "test", only_correct=False),
+        "positives_faithful": share(iteration_dir / "samples.jsonl", "train", only_correct=True),
     }
 
 
@@ -100,7 +128,12 @@ def summarize(results: dict, iterations: int) -> dict:
         },
     }
     table = {arm: [acc(arm, it, "test_accuracy") for it in range(iterations + 1)] for arm in ARMS}
-    return {"test_accuracy_by_iteration": table, "targets": targets,
+    faithful = {key: [acc("r3v", it, key) for it in range(iterations + 1)]
+                for key in ("test_rationales_faithful", "positives_faithful")}
+    by_seed = {arm: {seed: [row["test_accuracy"] for row in seed_result[arm]["iterations"]]
+                     for seed, seed_result in results.items()} for arm in ARMS}
+    return {"test_accuracy_by_iteration": table, "test_accuracy_by_seed": by_seed, "r3v_faithfulness": faithful,
+            "targets": targets,
             "ladder_r3v": {k: {m: ladder("r3v", k, m) for m in ("first", "maj", "sel", "pass")} for k in LADDER}}
 
 
@@ -129,7 +162,7 @@ def markdown(summary: dict, machine: dict, seeds: list[int], seconds: dict, jobs
     table = summary["test_accuracy_by_iteration"]
     iterations = len(next(iter(table.values())))
     lines = [MARK_BEGIN, "## Self-improvement on the built-in task", "",
-             f"`python benchmarks/self_improvement.py` (seeds {', '.join(map(str, seeds))}; written "
+             f"`python benchmarks/self_improvement.py --seeds {','.join(map(str, seeds))} --jobs {jobs}` (written "
              f"{machine['date']} on {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}). "
              f"Each arm is `r3v train --iterations 3` with the README defaults ({jobs} arm(s) at a time); "
              "numbers are Test@1 (greedy) on clevr-synth's 200 test questions.", "",
@@ -137,6 +170,20 @@ def markdown(summary: dict, machine: dict, seeds: list[int], seconds: dict, jobs
              "| --- |" + " --- |" * (iterations + 1)]
     for arm, values in table.items():
         lines.append(f"| {arm} | " + " | ".join(f"{v:.3f}" for v in values) + f" | {seconds[arm]:.0f} |")
+    if len(seeds) > 1:
+        lines += ["", "The same, seed by seed (iterations 0 to 3; the table above is their mean):", "",
+                  "| arm | " + " | ".join(f"seed {seed}" for seed in seeds) + " |", "| --- |" + " --- |" * len(seeds)]
+        for arm, per_seed in summary["test_accuracy_by_seed"].items():
+            cells = [" → ".join(f"{v:.3f}" for v in per_seed[str(seed)]) for seed in seeds]
+            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    faithful = summary["r3v_faithfulness"]
+    fmt = lambda v: "-" if v != v else f"{v:.3f}"  # noqa: E731  (nan: not measured at that iteration)
+    lines += ["", "Rationales whose counting steps are all right (r3v arm, mean over seeds): the iteration's greedy test "
+              "answers, and the positives it trains on (train samples with a right final answer, drawn by the "
+              "previous iteration's model):", "",
+              "| | " + " | ".join(f"iter {i}" for i in range(iterations)) + " |", "| --- |" + " --- |" * iterations,
+              "| test answers | " + " | ".join(fmt(v) for v in faithful["test_rationales_faithful"]) + " |",
+              "| positives | " + " | ".join(fmt(v) for v in faithful["positives_faithful"]) + " |"]
     lines += ["", "Test-time selection with the final R3V model (same samples for every selector):", "",
               "| N | first | majority | self-select | pass@N |", "| --- | --- | --- | --- | --- |"]
     for k, row in sorted(summary["ladder_r3v"].items(), key=lambda kv: int(kv[0])):

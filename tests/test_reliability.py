@@ -229,3 +229,18 @@ def test_clevr_synth_answer_line_round_trips(answer):
     line = task.answer_line(answer, example)
     assert task.extract(f"Some reasoning.\n{line}", example) == str(answer)
     assert task.is_correct(task.extract(line, example), example)
+
+
+def test_clevr_synth_train_size_extends_the_train_split_only():
+    from r3v.cli.common import parse_task_args
+
+    default = tasks.get("clevr-synth")()
+    larger = tasks.get("clevr-synth")(**parse_task_args(("train_size=503",)))
+    train = larger.load("train")
+    assert len(train) == 503 and len(default.load("train")) == 500
+    assert [(e.id, e.question, e.answer) for e in train[:500]] == [
+        (e.id, e.question, e.answer) for e in default.load("train")
+    ]
+    assert [e.question for e in larger.load("test", limit=20)] == [e.question for e in default.load("test", limit=20)]
+    with pytest.raises(ValueError, match="train_size"):
+        tasks.get("clevr-synth")(train_size=0)
