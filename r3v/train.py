@@ -262,7 +262,7 @@ class TrainResult:
     resumed_from: str | None = None
     """The checkpoint this call resumed from, if any."""
     encoder_cache: dict[str, float] | None = None
-    """With a frozen vision encoder: image sets encoded and reused from the cache in this call."""
+    """With a frozen vision encoder: image sets encoded and reused from the cache in this call, and MiB held."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -303,8 +303,16 @@ class ObjectiveTrainer(Trainer):
     loss_is_scaled_for_ga = True
 
     def __init__(self, *args, loss_weights: dict[str, float], sampler: LengthGroupedSampler,
-                 log_path: Path | None, history: list[dict[str, Any]], **kwargs) -> None:
+                 log_path: Path | None, history: list[dict[str, Any]], encoder_cache_mb: int = 0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        # Sharing calls the encoder outside the wrapped forward, which ZeRO-3 / FSDP sharding does not allow.
+        share = shared_images.supports_shared_images(self.model) and not (
+            self.is_deepspeed_enabled or self.is_fsdp_enabled
+        )
+        self.data_collator.share_images = share
+        self.encoder_cache: shared_images.EncoderCache | None = None
+        if share and encoder_cache_mb > 0 and shared_images.encoder_is_frozen(self.model):
+            self.encoder_cache = shared_images.EncoderCache(encoder_cache_mb << 20)
         self.loss_weights = torch.tensor([loss_weights[name] for name in OBJECTIVES], dtype=torch.float32)
         self.r3v_sampler = sampler
         self.log_path = log_path
@@ -312,7 +320,6 @@ class ObjectiveTrainer(Trainer):
         self._step_stats: torch.Tensor | None = None
         self._since_log = torch.zeros(2 * len(OBJECTIVES))
         self._lr = None
-        self.encoder_cache: shared_images.EncoderCache | None = None
         self.add_callback(_StepHooks(self))
         self.remove_callback(PrinterCallback)  # log lines go to the r3v.train logger instead of stdout
 
@@ -507,12 +514,8 @@ def train(
         sampler=LengthGroupedSampler(dataset.lengths, config.batch_size, config.seed, config.group_by_length),
         log_path=out / LOG_FILE if state.is_main_process else None,
         history=history,
+        encoder_cache_mb=config.encoder_cache_mb,
     )
-    # Sharing calls the encoder outside the wrapped forward, which ZeRO-3 / FSDP sharding does not allow.
-    share = shared_images.supports_shared_images(network) and not (trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled)
-    trainer.data_collator.share_images = share
-    if share and config.encoder_cache_mb > 0 and shared_images.encoder_is_frozen(network):
-        trainer.encoder_cache = shared_images.EncoderCache(config.encoder_cache_mb << 20)
     started = time.perf_counter()
     try:
         trainer.train(resume_from_checkpoint=checkpoint)
@@ -520,12 +523,11 @@ def train(
         exc.last_checkpoint = _last_complete_checkpoint(out / CHECKPOINT_DIR)
         raise
     seconds = time.perf_counter() - started
-    cache_stats = None
-    if trainer.encoder_cache is not None:
-        cache = trainer.encoder_cache
-        cache_stats = {"encoded": cache.misses, "reused": cache.hits, "mib": round(cache.used_bytes / 2**20, 2)}
-        log.info("vision encoder: %d image set(s) encoded, %d reused from the cache (%.1f MiB held)",
-                 cache.misses, cache.hits, cache.used_bytes / 2**20)
+    cache = trainer.encoder_cache
+    cache_stats = cache.stats() if cache is not None else None
+    if cache_stats:
+        log.info("vision encoder: %(encoded)d image set(s) encoded, %(reused)d reused from the cache "
+                 "(%(mib).1f MiB held)", cache_stats)
 
     output_path = _save_final(trainer, out, config.lora, state)
     result = TrainResult(

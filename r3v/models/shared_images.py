@@ -20,6 +20,7 @@ from __future__ import annotations
 import inspect
 import re
 from collections.abc import Sequence
+from itertools import accumulate
 from typing import Any
 
 import torch
@@ -77,6 +78,9 @@ class EncoderCache:
         self.features: dict[int, tuple[torch.Tensor, ...]] = {}
         self.hits = 0
         self.misses = 0
+
+    def stats(self) -> dict[str, float]:
+        return {"encoded": self.misses, "reused": self.hits, "mib": round(self.used_bytes / 2**20, 2)}
 
     def add(self, set_id: int, features: tuple[torch.Tensor, ...]) -> None:
         size = sum(t.numel() * t.element_size() for t in features)
@@ -140,12 +144,8 @@ def _cached_features(encoder_model: Any, cache: EncoderCache, sets: list[list[in
     grid = per_image.get("image_grid_thw")
     # Qwen2-VL packs prod(t, h, w) patch rows per image; other models have one row per image.
     rows = grid.prod(-1).tolist() if grid is not None else [1] * pixel_values.shape[0]
-    image_starts = [0]
-    for count in (count for _, count in sets):
-        image_starts.append(image_starts[-1] + count)
-    row_starts = [0]
-    for n in rows:
-        row_starts.append(row_starts[-1] + n)
+    row_starts = [0, *accumulate(rows)]
+    image_starts = [0, *accumulate(count for _, count in sets)]
     missing = [j for j, (set_id, _) in enumerate(sets) if set_id not in cache.features]
     cache.hits += len(sets) - len(missing)
     cache.misses += len(missing)
@@ -160,16 +160,10 @@ def _cached_features(encoder_model: Any, cache: EncoderCache, sets: list[list[in
                 **{key: value[picked.to(value.device)] for key, value in per_image.items()},
                 return_dict=True,
             ).pooler_output
-        position = 0
-        for j in missing:
-            count = sets[j][1]
-            computed[j] = tuple(t.detach() for t in encoded[position : position + count])
-            position += count
+        for j, start in zip(missing, accumulate((sets[j][1] for j in missing), initial=0), strict=False):
+            computed[j] = tuple(encoded[start : start + sets[j][1]])
             cache.add(sets[j][0], computed[j])
-    features: list[torch.Tensor] = []
-    for j, (set_id, _) in enumerate(sets):
-        features.extend(computed[j] if j in computed else cache.features[set_id])
-    return features
+    return [t for j, (set_id, _) in enumerate(sets) for t in computed.get(j) or cache.features[set_id]]
 
 
 def _unwrap_peft(model: Any) -> Any:
