@@ -234,7 +234,12 @@ class Loop:
         self.log = log
         self.progress = progress
         self.task = task if task is not None else build_task(config)
-        self.train_config = config.train if config.train is not None else default_train_config(config.model)
+        if config.train is None:
+            from r3v.train import TrainConfig  # torch and transformers load only when a loop runs
+
+            self.train_config = TrainConfig.for_model(config.model)
+        else:
+            self.train_config = config.train
         self.train_examples = self.task.load("train", data_dir=config.data_dir, limit=config.train_limit)
         self.test_examples = self.task.load("test", data_dir=config.data_dir, limit=config.test_limit)
         if not self.train_examples or not self.test_examples:
@@ -577,15 +582,6 @@ def train_summary(result: Any) -> dict[str, Any]:
         "items_per_objective": dict(getattr(result, "items_per_objective", {}) or {}),
         "is_adapter": result.is_adapter,
     }
-
-
-def default_train_config(model: str) -> Any:
-    """The trainer's preset for ``model``: the tiny CPU settings for built-in models, else R3V's reference."""
-    from r3v.train import TrainConfig
-
-    if model == "r3v-clevr-base":  # a tiny model too, trained from scratch: the reference lr would barely move it
-        return TrainConfig.tiny()
-    return TrainConfig.for_model(model)
 
 
 def check_run_dir(run_dir: Path, settings: dict[str, Any]) -> None:

@@ -214,10 +214,13 @@ class TrainConfig:
 
     @classmethod
     def for_model(cls, model: str) -> TrainConfig:
-        """``tiny()`` for the built-in tiny models, else ``reference()`` for the model's family."""
+        """``tiny()`` for the built-in tiny models (also a rebuilt base model's folder), else
+        ``reference()`` for the model's family: its learning rate would barely move a tiny model."""
+        from r3v.models.base_model import NAME as BASE_NAME
+        from r3v.models.base_model import is_base_model_folder
         from r3v.models.tiny import TINY_MODELS
 
-        if model in TINY_MODELS or model == "r3v-clevr-base":
+        if model in TINY_MODELS or model == BASE_NAME or is_base_model_folder(model):
             return cls.tiny()
         return cls.reference(model_family(model))
 

@@ -299,6 +299,10 @@ def test_config_presets_and_validation():
     qwen_vl = TrainConfig.reference("qwen-vl")
     assert (qwen_vl.lora_r, qwen_vl.lora_alpha) == (64, 16) and "c_attn" in qwen_vl.lora_target
     assert TrainConfig.for_model("tiny-qwen2-vl") == TrainConfig.tiny()
+    # the built-in base model, by name or as a folder that build_base_model wrote (a rebuild)
+    from r3v.models.base_model import base_model_path
+
+    assert TrainConfig.for_model("r3v-clevr-base") == TrainConfig.for_model(str(base_model_path())) == TrainConfig.tiny()
     assert TrainConfig.from_dict(qwen2.to_dict()) == qwen2
     with pytest.raises(ValueError, match="unknown model family"):
         TrainConfig.reference("gpt-2")

@@ -117,7 +117,8 @@ def train(
 
     from r3v.backends.base import Sampling
     from r3v.builders import BuildConfig
-    from r3v.loop import LoopConfig, default_train_config, run_loop
+    from r3v.loop import LoopConfig, run_loop
+    from r3v.train import TrainConfig
 
     quiet_libraries()
     # transformers' v6 deprecation notices fire on every model load; users cannot act on them
@@ -133,7 +134,7 @@ def train(
         "lora": lora, "lora_r": lora_r, "lora_alpha": lora_alpha, "max_length": max_length,
         "trust_remote_code": trust_remote_code or None,
     }
-    train_config = default_train_config(model)
+    train_config = TrainConfig.for_model(model)
     if grad_accum is not None:  # an explicit accumulation replaces the preset's global batch
         train_config = replace(train_config, global_batch=None)
     train_config = replace(train_config, **{k: v for k, v in overrides.items() if v is not None})

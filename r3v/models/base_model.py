@@ -41,6 +41,11 @@ def base_model_path() -> Path:
     return cached
 
 
+def is_base_model_folder(model: str) -> bool:
+    """Whether ``model`` is a folder that ``build_base_model`` wrote (e.g. a rebuild elsewhere)."""
+    return (Path(model) / "r3v_base.json").is_file()
+
+
 def build_base_model(out: str | Path, **overrides) -> Path:
     """Build the base model into ``out`` (atomically: a temp folder, then a rename)."""
     from r3v.builders import qa_items
