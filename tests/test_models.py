@@ -98,21 +98,24 @@ def test_processor_is_multimodal_and_expands_image_tokens(name, r3v_cache, clevr
 
 
 def test_the_shipped_base_model_reads_the_image(clevr_task):
-    """The built-in base model's rationales depend on the image it is shown, not only on the
-    question: on train questions (not seen in its warm-up) the teacher's rationales are much
-    likelier under their own image than under another question's image."""
+    """The built-in base model's counts depend on the image it is shown: on train scenes (not seen
+    in its warm-up) the true count descriptions are much likelier under their own image than under
+    another question's image."""
+    import random
+
     from r3v.collate import CompletionCollator, ItemDataset
     from r3v.models.base_model import base_model_path
     from r3v.records import TrainItem
+    from r3v.tasks.clevr_synth import describe_counts
 
     lm = load_model(str(base_model_path()))
     examples = clevr_task.load("train", limit=48)
+    descriptions = [describe_counts(clevr_task.scene("train", i), random.Random(i)) for i in range(len(examples))]
 
     def loss(shift: int) -> float:
         items = [
-            TrainItem("distill", ex.id, clevr_task.cot_prompt(ex), clevr_task.teacher_rationale(ex),
-                      images=[examples[(i + shift) % len(examples)].images[0]])
-            for i, ex in enumerate(examples)
+            TrainItem("distill", ex.id, request, answer, images=[examples[(i + shift) % len(examples)].images[0]])
+            for i, (ex, (request, answer)) in enumerate(zip(examples, descriptions))
         ]
         dataset = ItemDataset(lm.processor, items, {}, max_length=1024)
         batch = CompletionCollator(lm.processor.tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))])

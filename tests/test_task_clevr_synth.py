@@ -20,3 +20,25 @@ def test_splits_do_not_share_examples():
     seen = {split: {(ex.question, np.asarray(ex.images[0]).tobytes()) for ex in task.load(split, limit=200)}
             for split in ("train", "test", "pretrain")}
     assert not seen["train"] & seen["test"] and not seen["pretrain"] & seen["test"]
+
+
+def test_scene_labels_and_count_descriptions_match_the_rendered_image():
+    import random
+
+    from r3v.tasks.clevr_synth import CELL, CELL_CLASSES, COLORS, GRID, cell_labels, describe_counts
+
+    task = ClevrSynth()
+    for index in range(20):
+        scene, image = task.scene("train", index), np.asarray(task.example("train", index).images[0])
+        labels = cell_labels(scene)
+        assert len(labels) == GRID * GRID and all(0 <= label < CELL_CLASSES for label in labels)
+        assert sum(label > 0 for label in labels) == len(scene.objects)
+        for cell, color, _shape in scene.objects:
+            # the colour drawn at the cell's centre is the scene's colour for that cell
+            row, col = divmod(cell, GRID)
+            centre = image[row * CELL + CELL // 2, col * CELL + CELL // 2]
+            assert tuple(int(v) for v in centre) == COLORS[color], (index, cell)
+        request, answer = describe_counts(scene, random.Random(index))
+        assert f"There are {len(scene.objects)} objects." in answer
+        color = request.split("the ")[1].split()[0]
+        assert f"There are {scene.count(color=color)} {color} objects." in answer

@@ -1,9 +1,12 @@
 """``r3v-clevr-base``: the built-in base model for ``clevr-synth``, trained from scratch.
 
 A tiny ``Qwen2VLForConditionalGeneration`` (about 0.6M parameters) is built from a config with a
-fixed seed, its projector is calibrated on a few images (``calibrate_projector``), and its language
-model is trained briefly, image path frozen, on clevr-synth's ``pretrain`` split (disjoint from
-train and test): direct-answer QA (the bare answer, as R3V's QA data) plus the programmatic
+fixed seed. Its vision tower and projector get a short supervised start (``pretrain_vision``: name
+what is in each grid cell) and a calibration (``calibrate_projector``), standing in for the
+pretrained encoder a real VLM has. Then its language model is trained, image path frozen, on
+clevr-synth's ``pretrain`` split (disjoint from train and test), as R3V's warm-up data mirrors:
+count descriptions of scenes (``describe_counts``, the perception a VLM brings from pre-training),
+direct-answer QA (the bare answer, as R3V's QA data) and a small distilled set of the programmatic
 teacher's rationales. It stops at a weak chain-of-thought level, like the paper's starting point:
 it errs often, but among several samples it is often right. That is the regime where learning
 from its own rationales can help.
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import shutil
 import tempfile
 from pathlib import Path
@@ -25,10 +29,10 @@ from r3v.models.tiny import build_tiny_model, cache_root
 NAME = "r3v-clevr-base"
 SHIPPED = Path(__file__).resolve().parent / NAME
 #: What the shipped weights were built with; the defaults of ``build_base_model``.
-RECIPE = {"seed": 0, "qa_items": 2000, "cot_items": 2000, "epochs": 4.0, "learning_rate": 3e-3, "batch_size": 32,
-          "calibration_images": 64}
+RECIPE = {"seed": 0, "qa_items": 2000, "cot_items": 500, "description_scenes": 4000, "epochs": 8.0,
+          "learning_rate": 3e-3, "batch_size": 32, "calibration_images": 64, "vision_steps": 100}
 #: Bump when the recipe or clevr-synth changes, so cached builds are not reused.
-VERSION = 4
+VERSION = 5
 
 
 def base_model_path() -> Path:
@@ -50,7 +54,7 @@ def build_base_model(out: str | Path, **overrides) -> Path:
     """Build the base model into ``out`` (atomically: a temp folder, then a rename)."""
     from r3v.builders import qa_items
     from r3v.records import TrainItem
-    from r3v.tasks.clevr_synth import ClevrSynth
+    from r3v.tasks.clevr_synth import ClevrSynth, describe_counts
     from r3v.train import TrainConfig, train
 
     recipe = {**RECIPE, **overrides}
@@ -61,9 +65,14 @@ def build_base_model(out: str | Path, **overrides) -> Path:
         scratch = build_tiny_model("tiny-qwen2-vl", work / "scratch", seed=recipe["seed"])
         task = ClevrSynth()
         # The "pretrain" split is disjoint from the train and test splits the R3V loop uses.
-        examples = task.load("pretrain", limit=recipe["qa_items"])
+        examples = task.load("pretrain", limit=max(recipe["qa_items"], recipe["description_scenes"], recipe["cot_items"]))
+        pretrain_vision(scratch, task, steps=recipe["vision_steps"], seed=recipe["seed"])
         calibrate_projector(scratch, [ex.load_images()[0] for ex in examples[: recipe["calibration_images"]]])
-        items = qa_items(task, examples) + [
+        descriptions = [
+            TrainItem("distill", ex.id, *describe_counts(task.scene("pretrain", index), random.Random(index)))
+            for index, ex in enumerate(examples[: recipe["description_scenes"]])
+        ]
+        items = descriptions + qa_items(task, examples[: recipe["qa_items"]]) + [
             TrainItem("distill", ex.id, task.cot_prompt(ex), task.teacher_rationale(ex))
             for ex in examples[: recipe["cot_items"]]
         ]
@@ -93,6 +102,38 @@ def build_base_model(out: str | Path, **overrides) -> Path:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out
+
+
+def pretrain_vision(model_dir: Path, task, steps: int, seed: int, batch_size: int = 32) -> None:
+    """Train the vision tower and projector for ``steps`` batches through a linear probe that names
+    each grid cell's content (one merged image token per cell), and save them back; the probe is
+    thrown away. A stand-in for a real VLM's pretrained encoder: the language model then reads image
+    features that already carry what is where."""
+    import torch
+
+    from r3v.models.loading import load_model
+    from r3v.tasks.clevr_synth import CELL_CLASSES, cell_labels, render
+
+    torch.manual_seed(seed)
+    loaded = load_model(str(model_dir))
+    model, image_processor = loaded.model, loaded.processor.image_processor
+    model.train()
+    probe = torch.nn.Linear(model.config.text_config.hidden_size, CELL_CLASSES)
+    optimizer = torch.optim.AdamW([*model.model.visual.parameters(), *probe.parameters()], lr=3e-3)
+    pool = task.sizes["pretrain"]
+    for step in range(steps):
+        scenes = [task.scene("pretrain", (step * batch_size + j) % pool) for j in range(batch_size)]
+        encoded = image_processor([render(scene) for scene in scenes], return_tensors="pt")
+        features = torch.cat(model.get_image_features(
+            pixel_values=encoded["pixel_values"], image_grid_thw=encoded["image_grid_thw"], return_dict=True
+        ).pooler_output)
+        labels = torch.tensor([cell_labels(scene) for scene in scenes]).flatten()
+        loss = torch.nn.functional.cross_entropy(probe(features), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    model.save_pretrained(model_dir)
 
 
 def calibrate_projector(model_dir: Path, images: list) -> None:

@@ -24,7 +24,7 @@ SHAPES = ("square", "circle")
 GRID = 4
 CELL = 28
 #: ``pretrain`` is what the built-in base model learned from; the R3V loop uses train and test.
-SPLIT_SIZES = {"train": 500, "test": 200, "pretrain": 4000}
+SPLIT_SIZES = {"train": 1500, "test": 200, "pretrain": 4000}
 SPLIT_OFFSET = {"train": 0, "test": 1_000_003, "pretrain": 2_000_003}
 
 _BARE_INT = re.compile(r"-?\d+")
@@ -45,6 +45,27 @@ def make_scene(rng: random.Random) -> Scene:
     n = rng.randint(2, 8)
     cells = rng.sample(range(GRID * GRID), n)
     return Scene(tuple((cell, rng.choice(list(COLORS)), rng.choice(SHAPES)) for cell in sorted(cells)))
+
+
+def cell_labels(scene: Scene) -> list[int]:
+    """One class per grid cell, row by row: 0 for empty, else 1 + colour index * 2 + shape index."""
+    labels = [0] * (GRID * GRID)
+    for cell, color, shape in scene.objects:
+        labels[cell] = 1 + list(COLORS).index(color) * len(SHAPES) + SHAPES.index(shape)
+    return labels
+
+
+CELL_CLASSES = 1 + len(COLORS) * len(SHAPES)
+
+
+def describe_counts(scene: Scene, rng: random.Random) -> tuple[str, str]:
+    """A counting request about a scene and its answer, in the sentences the rationales use."""
+    color = rng.choice([c for _, c, _ in scene.objects])
+    shape = rng.choice(SHAPES)
+    request = f"Count all objects, the {color} objects and the {shape}s."
+    answer = (f"There are {len(scene.objects)} objects. There are {scene.count(color=color)} {color} objects. "
+              f"There are {scene.count(shape=shape)} {shape}s.")
+    return request, answer
 
 
 def render(scene: Scene) -> Image.Image:
@@ -108,8 +129,15 @@ class ClevrSynth:
         count = self.sizes[split] if limit is None else min(limit, self.sizes[split])
         return [self.example(split, i) for i in range(count)]
 
+    def scene(self, split: str, index: int) -> Scene:
+        """The scene behind ``example(split, index)``: what is in each cell."""
+        return make_scene(self._rng(split, index))
+
+    def _rng(self, split: str, index: int) -> random.Random:
+        return random.Random(self.seed * 7_919 + SPLIT_OFFSET[split] + index)
+
     def example(self, split: str, index: int) -> Example:
-        rng = random.Random(self.seed * 7_919 + SPLIT_OFFSET[split] + index)
+        rng = self._rng(split, index)
         scene = make_scene(rng)
         question, answer, steps = make_question(scene, rng)
         return Example(
