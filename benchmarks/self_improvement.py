@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.machine import describe_machine, load_average  # noqa: E402
+from benchmarks.report import update_readme_section  # noqa: E402
 
 ARMS = {"r3v": [], "star": ["--method", "star"], "no-refine": ["--no-refine"], "no-select": ["--no-select"]}
 LADDER = (1, 3, 5, 7)
@@ -229,14 +230,7 @@ def main() -> None:
                                "iterations": args.iterations, "jobs": args.jobs, "summary": summary,
                                "runs": results}, indent=2) + "\n")
     plot(summary, out.with_suffix(".png"))
-    readme = ROOT / "benchmarks" / "README.md"
-    text = readme.read_text() if readme.exists() else "# Benchmarks\n"
-    block = markdown(summary, machine, seeds, seconds, args.jobs)
-    if MARK_BEGIN in text:
-        text = text[: text.index(MARK_BEGIN)] + block + text[text.index(MARK_END) + len(MARK_END):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    readme.write_text(text)
+    update_readme_section(markdown(summary, machine, seeds, seconds, args.jobs), MARK_BEGIN, MARK_END)
     print(json.dumps(summary, indent=2))
 
 

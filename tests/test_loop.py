@@ -218,3 +218,24 @@ def test_warmup_only_run_with_an_r3v_warmup_file(shared_fixtures, tmp_path):
     distilled = [TrainItem.from_dict(r) for r in read_jsonl(out / "iter0" / "train_items.jsonl") if r["kind"] == "distill"]
     assert sorted(Path(i.images[0]).name for i in distilled) == sorted(r["image"] for r in records)
     assert json.loads((out / "run.json").read_text())["settings"]["warmup_file"]["name"] == "gpt_cot.json"
+
+
+def test_dev_runs_script_records_a_finished_run(finished_run):
+    """benchmarks/dev_runs.py quotes what the loop wrote, not numbers of its own."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "dev_runs.py"
+    spec = importlib.util.spec_from_file_location("dev_runs", path)
+    dev_runs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dev_runs)
+    out, _ = finished_run
+    run = dev_runs.read_run(out)
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert run["test_accuracy_by_iteration"] == [row["test_accuracy"] for row in rows]
+    assert run["train_questions"] == 8 and run["epochs"] == 1
+    from r3v.models.base_model import base_model_path
+
+    assert run["base_sha256"] == dev_runs.weights_sha256(str(base_model_path())) is not None
+    table = dev_runs.markdown([run], {"date": "d", "cpu": "c", "cores": 2})
+    row = next(line for line in table.splitlines() if line.startswith(f"| {out.name} | 0 | 8 | 1 | cot+refine+select |"))
+    assert " → ".join(f"{value:.3f}" for value in run["test_accuracy_by_iteration"]) in row

@@ -115,7 +115,7 @@ def test_the_shipped_base_model_reads_the_image(clevr_task):
     def loss(shift: int) -> float:
         items = [
             TrainItem("distill", ex.id, request, answer, images=[examples[(i + shift) % len(examples)].images[0]])
-            for i, (ex, (request, answer)) in enumerate(zip(examples, descriptions))
+            for i, (ex, (request, answer)) in enumerate(zip(examples, descriptions, strict=True))
         ]
         dataset = ItemDataset(lm.processor, items, {}, max_length=1024)
         batch = CompletionCollator(lm.processor.tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))])

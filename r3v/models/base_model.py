@@ -23,8 +23,12 @@ import random
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from r3v.models.tiny import build_tiny_model, cache_root
+
+if TYPE_CHECKING:
+    from r3v.tasks.clevr_synth import ClevrSynth
 
 NAME = "r3v-clevr-base"
 SHIPPED = Path(__file__).resolve().parent / NAME
@@ -104,7 +108,7 @@ def build_base_model(out: str | Path, **overrides) -> Path:
     return out
 
 
-def pretrain_vision(model_dir: Path, task, steps: int, seed: int, batch_size: int = 32) -> None:
+def pretrain_vision(model_dir: Path, task: ClevrSynth, steps: int, seed: int, batch_size: int = 32) -> None:
     """Train the vision tower and projector for ``steps`` batches through a linear probe that names
     each grid cell's content (one merged image token per cell), and save them back; the probe is
     thrown away. A stand-in for a real VLM's pretrained encoder: the language model then reads image
