@@ -231,16 +231,21 @@ def test_clevr_synth_answer_line_round_trips(answer):
     assert task.is_correct(task.extract(line, example), example)
 
 
-def test_clevr_synth_train_size_extends_the_train_split_only():
+def test_clevr_synth_split_sizes_extend_one_split_only():
     from r3v.cli.common import parse_task_args
 
     default = tasks.get("clevr-synth")()
-    larger = tasks.get("clevr-synth")(**parse_task_args(("train_size=503",)))
+    default_train = default.load("train")
+    larger = tasks.get("clevr-synth")(**parse_task_args(("train_size=1503",)))
     train = larger.load("train")
-    assert len(train) == 503 and len(default.load("train")) == 500
-    assert [(e.id, e.question, e.answer) for e in train[:500]] == [
-        (e.id, e.question, e.answer) for e in default.load("train")
-    ]
+    assert len(train) == 1503 and len(default_train) == 1500
+    assert [(e.id, e.question, e.answer) for e in train[:1500]] == [(e.id, e.question, e.answer) for e in default_train]
     assert [e.question for e in larger.load("test", limit=20)] == [e.question for e in default.load("test", limit=20)]
-    with pytest.raises(ValueError, match="train_size"):
-        tasks.get("clevr-synth")(train_size=0)
+    more_test = tasks.get("clevr-synth")(**parse_task_args(("test_size=205",)))
+    test = more_test.load("test")
+    assert len(test) == 205 and len(default.load("test")) == 200
+    assert [e.question for e in test[:200]] == [e.question for e in default.load("test")]
+    assert len(more_test.load("train")) == 1500
+    for option in ("train_size", "test_size"):
+        with pytest.raises(ValueError, match=option):
+            tasks.get("clevr-synth")(**{option: 0})

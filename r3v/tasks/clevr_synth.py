@@ -115,13 +115,18 @@ class ClevrSynth:
     sources = "built in: rendered with pillow from a seed (no download)"
     breakdown_keys = ("template",)
 
-    def __init__(self, seed: int = 0, sizes: dict[str, int] | None = None, train_size: int | None = None) -> None:
+    def __init__(
+        self, seed: int = 0, sizes: dict[str, int] | None = None, train_size: int | None = None,
+        test_size: int | None = None,
+    ) -> None:
         self.seed = seed
         self.sizes = dict(SPLIT_SIZES, **(sizes or {}))
-        if train_size is not None:  # e.g. --task-arg train_size=1500
-            if train_size < 1:
-                raise ValueError(f"train_size must be >= 1, got {train_size}")
-            self.sizes["train"] = train_size
+        # e.g. --task-arg test_size=1000: on a dev dataset (seed=N), a smaller standard error
+        for split, size in (("train", train_size), ("test", test_size)):
+            if size is not None:
+                if size < 1:
+                    raise ValueError(f"{split}_size must be >= 1, got {size}")
+                self.sizes[split] = size
 
     def load(self, split: str, data_dir: str | Path | None = None, limit: int | None = None) -> list[Example]:
         if split not in self.splits:
