@@ -232,10 +232,12 @@ def test_dev_runs_script_records_a_finished_run(finished_run):
     run = dev_runs.read_run(out)
     rows = read_jsonl(out / "metrics.jsonl")
     assert run["test_accuracy_by_iteration"] == [row["test_accuracy"] for row in rows]
+    assert run["self_select_accuracy_by_iteration"] == [row["select_accuracy"] for row in rows]
+    assert run["majority_accuracy_by_iteration"][1] == rows[1]["majority_accuracy"] is not None
     assert run["train_questions"] == 8 and run["epochs"] == 1
     from r3v.models.base_model import base_model_path
 
     assert run["base_sha256"] == dev_runs.weights_sha256(str(base_model_path())) is not None
     table = dev_runs.markdown([run], {"date": "d", "cpu": "c", "cores": 2})
-    row = next(line for line in table.splitlines() if line.startswith(f"| {out.name} | 0 | 8 | 1 | cot+refine+select |"))
+    row = next(line for line in table.splitlines() if line.startswith(f"| {out.name} | 0 | 8 / 4 | 1 | cot+refine+select |"))
     assert " → ".join(f"{value:.3f}" for value in run["test_accuracy_by_iteration"]) in row
