@@ -147,13 +147,15 @@ def plot(summary: dict, path: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for arm, values in summary["test_accuracy_by_iteration"].items():
         left.plot(range(len(values)), values, marker="o", label=arm)
-    left.set(xlabel="iteration", ylabel="Test@1 (greedy)", title="clevr-synth: training arms")
+    left.set(xlabel="iteration", ylabel="Test@1 (greedy)", title="clevr-synth: training arms",
+             xticks=range(len(next(iter(summary["test_accuracy_by_iteration"].values())))))
     left.legend()
     ks = sorted(summary["ladder_r3v"], key=int)
     names = {"first": "first (Test@1)", "maj": "majority", "sel": "self-select", "pass": "pass@N (oracle)"}
     for metric, label in names.items():
         right.plot([int(k) for k in ks], [summary["ladder_r3v"][k][metric] for k in ks], marker="o", label=label)
-    right.set(xlabel="N (samples per question)", ylabel="accuracy", title="R3V final model: selection")
+    right.set(xlabel="N (samples per question)", ylabel="accuracy", title="R3V final model: selection",
+              xticks=[int(k) for k in ks])
     right.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
