@@ -27,11 +27,9 @@ MARK_BEGIN, MARK_END = "<!-- dev-runs:begin -->", "<!-- dev-runs:end -->"
 
 def weights_sha256(model: str) -> str | None:
     """The base model's weights, so runs on a since-rebuilt base are told apart."""
-    weights = Path(model) / "model.safetensors"
-    if not weights.is_file():
-        from r3v.models.base_model import NAME, base_model_path
+    from r3v.models.loading import resolve_model
 
-        weights = base_model_path() / "model.safetensors" if model == NAME else weights
+    weights = Path(resolve_model(model)) / "model.safetensors"
     return hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else None
 
 
