@@ -21,6 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.machine import describe_machine  # noqa: E402
 from benchmarks.report import update_readme_section  # noqa: E402
+from benchmarks.self_improvement import faithfulness  # noqa: E402
 
 MARK_BEGIN, MARK_END = "<!-- dev-runs:begin -->", "<!-- dev-runs:end -->"
 
@@ -33,8 +34,11 @@ def weights_sha256(model: str) -> str | None:
     return hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else None
 
 
-def read_run(run_dir: Path) -> dict:
+def read_run(run_dir: Path, model_paths: dict[str, str] | None = None) -> dict:
+    """One run's record; ``model_paths`` maps a model name in run.json to the folder it meant then
+    (a built-in name whose shipped weights have changed since the run)."""
     settings = json.loads((run_dir / "run.json").read_text())
+    model = settings["settings"]["model"]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     accuracy = [row["test_accuracy"] for row in rows]
     build = settings["settings"]["build"]
@@ -48,14 +52,26 @@ def read_run(run_dir: Path) -> dict:
         "epochs": settings["settings"]["train"]["epochs"],
         "objectives": [name for name, flag in (("cot", build["self_cot"]), ("refine", build["self_refine"]),
                                                ("select", build["self_select"])) if flag],
-        "base_sha256": weights_sha256(settings["settings"]["model"]),
+        "base_sha256": weights_sha256((model_paths or {}).get(model, model)),
+        # set through the Python API (BuildConfig); the CLI's defaults are True and False
+        "warmup_mixed_in": build.get("include_warmup", True),
+        "check_equations": build.get("check_equations", False),
         "test_accuracy_by_iteration": accuracy,
         # over the same 3 sampled test answers per question, from iteration 1
         "self_select_accuracy_by_iteration": [row["select_accuracy"] for row in rows],
         "majority_accuracy_by_iteration": [row["majority_accuracy"] for row in rows],
         "relative_gain_last_vs_0": round((accuracy[-1] - accuracy[0]) / accuracy[0], 4) if accuracy[0] else None,
         "seconds": json.loads((run_dir / "timing.json").read_text())["seconds"],
+        # what the final-answer check cannot see, in the greedy test answers of the first and last iteration
+        "rationales": {str(row["iteration"]): faithfulness(run_dir / f"iter{row['iteration']}", settings["settings"]["task_args"])
+                       for row in (rows[0], rows[-1])},
     }
+
+
+def inside(run: dict, key: str) -> str:
+    """A rationale share at the first and the last iteration, e.g. ``0.15 → 0.45``."""
+    values = [shares.get(key) for shares in run.get("rationales", {}).values()]
+    return " → ".join("-" if v is None else f"{v:.2f}" for v in values) or "-"
 
 
 def markdown(runs: list[dict], machine: dict) -> str:
@@ -65,25 +81,36 @@ def markdown(runs: list[dict], machine: dict) -> str:
              "`--task-arg seed=1` and `seed=2` of clevr-synth, never the benchmark's test split; "
              "Test@1 (greedy) on each dataset's test questions; one standard error is about 0.033 on 200 "
              "questions and 0.015 on 1000.", "",
+             "Two columns look inside the greedy test rationales, at iteration 0 and at the last one: the share "
+             "whose equation (`7 - 3 = 4`) is right, and the share whose counting steps are all right.", "",
              "| run | dataset seed | train / test questions | epochs | objectives | base (sha256) | Test@1, iterations 0 to 3 "
-             "| gain | self-select@3 / majority@3, last iteration |", "| --- |" + " --- |" * 8]
+             "| gain | self-select@3 / majority@3, last iteration | equation right | counts right |",
+             "| --- |" + " --- |" * 10]
     for run in runs:
         accuracy = " → ".join(f"{value:.3f}" for value in run["test_accuracy_by_iteration"])
         gain = "-" if run["relative_gain_last_vs_0"] is None else f"{run['relative_gain_last_vs_0']:+.0%}"
         select, majority = run["self_select_accuracy_by_iteration"][-1], run["majority_accuracy_by_iteration"][-1]
         selection = "-" if select is None or majority is None else f"{select:.3f} / {majority:.3f}"
+        objectives = "+".join(run["objectives"])
+        objectives += "" if run.get("warmup_mixed_in", True) else ", warm-up not mixed in"
+        objectives += ", equation check" if run.get("check_equations") else ""
         lines.append(f"| {run['run']} | {run['task_args'].get('seed', 0)} | {run['train_questions']} / {run['test_questions']} "
                      f"| {run['epochs']:g} "
-                     f"| {'+'.join(run['objectives'])} | {(run['base_sha256'] or '?')[:12]} | {accuracy} | {gain} | {selection} |")
+                     f"| {objectives} | {(run['base_sha256'] or '?')[:12]} | {accuracy} | {gain} | {selection} "
+                     f"| {inside(run, 'test_equations_right')} | {inside(run, 'test_rationales_faithful')} |")
     return "\n".join([*lines, MARK_END])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--model-path", action="append", default=[], metavar="NAME=DIR",
+                        help="Read the base weights of runs whose model is NAME from DIR (e.g. the previous "
+                             "shipped r3v-clevr-base); repeatable.")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "dev_runs.json")
     args = parser.parse_args()
-    runs = [read_run(run_dir) for run_dir in args.runs]
+    model_paths = dict(item.split("=", 1) for item in args.model_path)
+    runs = [read_run(run_dir, model_paths) for run_dir in args.runs]
     machine = describe_machine()
     args.out.write_text(json.dumps({"benchmark": "dev_runs", "machine": machine, "runs": runs}, indent=2) + "\n")
     block = markdown(runs, machine)

@@ -79,27 +79,33 @@ def run_arm(arm: str, seed: int, iterations: int, run_root: Path, threads: int |
 
 
 COUNT_STEP = re.compile(r"There are (\d+) (\w+)")
+EQUATION = re.compile(r"\d+ [-+] \d+ = \d+")
 
 
-def faithfulness(iteration_dir: Path) -> dict:
-    """How often a rationale's counting steps ("There are N objects", ...) are all right: over the
-    iteration's greedy test answers, and over its positives (the train samples, drawn by the previous
-    iteration's model, whose final answer is right). The final-answer check cannot see these steps."""
+def faithfulness(iteration_dir: Path, task_args: dict | None = None) -> dict:
+    """How often a rationale's counting steps ("There are N objects", ...) are all right, and how often
+    its equation holds: over the iteration's greedy test answers, and over its positives (the train
+    samples, drawn by the previous iteration's model, whose final answer is right). The final-answer
+    check cannot see these steps."""
+    from r3v.builders import equations_hold
     from r3v.tasks.clevr_synth import ClevrSynth
 
-    def share(path: Path, split: str, only_correct: bool) -> float | None:
+    def shares(path: Path, split: str, only_correct: bool) -> tuple[float | None, float | None]:
         if not path.exists():
-            return None
-        steps = {ex.id: COUNT_STEP.findall(ex.metadata["rationale"]) for ex in ClevrSynth().load(split)}
+            return None, None
+        steps = {ex.id: COUNT_STEP.findall(ex.metadata["rationale"]) for ex in ClevrSynth(**(task_args or {})).load(split)}
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         rows = [r for r in rows if r["correct"] or not only_correct]
-        good = sum(COUNT_STEP.findall(r["text"])[: len(steps[r["example_id"]])] == steps[r["example_id"]] for r in rows)
-        return round(good / len(rows), 4) if rows else None
+        if not rows:
+            return None, None
+        counted = sum(COUNT_STEP.findall(r["text"])[: len(steps[r["example_id"]])] == steps[r["example_id"]] for r in rows)
+        computed = sum(bool(EQUATION.search(r["text"])) and equations_hold(r["text"]) for r in rows)
+        return round(counted / len(rows), 4), round(computed / len(rows), 4)
 
-    return {
-        "test_rationales_faithful": share(iteration_dir / "eval" / "greedy.jsonl", "test", only_correct=False),
-        "positives_faithful": share(iteration_dir / "samples.jsonl", "train", only_correct=True),
-    }
+    test_counts, test_equations = shares(iteration_dir / "eval" / "greedy.jsonl", "test", only_correct=False)
+    positive_counts, positive_equations = shares(iteration_dir / "samples.jsonl", "train", only_correct=True)
+    return {"test_rationales_faithful": test_counts, "positives_faithful": positive_counts,
+            "test_equations_right": test_equations, "positives_equations_right": positive_equations}
 
 
 def mean(values: list[float]) -> float:
@@ -130,7 +136,8 @@ def summarize(results: dict, iterations: int) -> dict:
     }
     table = {arm: [acc(arm, it, "test_accuracy") for it in range(iterations + 1)] for arm in ARMS}
     faithful = {key: [acc("r3v", it, key) for it in range(iterations + 1)]
-                for key in ("test_rationales_faithful", "positives_faithful")}
+                for key in ("test_rationales_faithful", "positives_faithful", "test_equations_right",
+                            "positives_equations_right")}
     by_seed = {arm: {seed: [row["test_accuracy"] for row in seed_result[arm]["iterations"]]
                      for seed, seed_result in results.items()} for arm in ARMS}
     return {"test_accuracy_by_iteration": table, "test_accuracy_by_seed": by_seed, "r3v_faithfulness": faithful,
@@ -181,12 +188,14 @@ def markdown(summary: dict, machine: dict, seeds: list[int], seconds: dict, jobs
             lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     faithful = summary["r3v_faithfulness"]
     fmt = lambda v: "-" if v != v else f"{v:.3f}"  # noqa: E731  (nan: not measured at that iteration)
-    lines += ["", "Rationales whose counting steps are all right (r3v arm, mean over seeds): the iteration's greedy test "
-              "answers, and the positives it trains on (train samples with a right final answer, drawn by the "
-              "previous iteration's model):", "",
+    lines += ["", "Rationales whose counting steps are all right, and whose equation (`7 - 3 = 4`) is right (r3v arm, "
+              "mean over seeds): the iteration's greedy test answers, and the positives it trains on (train samples "
+              "with a right final answer, drawn by the previous iteration's model):", "",
               "| | " + " | ".join(f"iter {i}" for i in range(iterations)) + " |", "| --- |" + " --- |" * iterations,
-              "| test answers | " + " | ".join(fmt(v) for v in faithful["test_rationales_faithful"]) + " |",
-              "| positives | " + " | ".join(fmt(v) for v in faithful["positives_faithful"]) + " |"]
+              "| test answers: counts right | " + " | ".join(fmt(v) for v in faithful["test_rationales_faithful"]) + " |",
+              "| positives: counts right | " + " | ".join(fmt(v) for v in faithful["positives_faithful"]) + " |",
+              "| test answers: equation right | " + " | ".join(fmt(v) for v in faithful["test_equations_right"]) + " |",
+              "| positives: equation right | " + " | ".join(fmt(v) for v in faithful["positives_equations_right"]) + " |"]
     lines += ["", "Test-time selection with the final R3V model (same samples for every selector):", "",
               "| N | first | majority | self-select | pass@N |", "| --- | --- | --- | --- | --- |"]
     for k, row in sorted(summary["ladder_r3v"].items(), key=lambda kv: int(kv[0])):

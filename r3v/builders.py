@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -64,6 +65,9 @@ class BuildConfig:
     dedup: bool = True
     #: Mix the warm-up items (direct-answer QA + distilled CoT) into every iteration, as R3V does.
     include_warmup: bool = True
+    #: Use a right-answer sample as a positive only when every ``a + b = c`` (or -, *, /) step in it
+    #: holds; the failures are neither positives nor negatives.
+    check_equations: bool = False
     #: Base seed of every shuffle.
     seed: int = 0
 
@@ -94,6 +98,7 @@ class BuildConfig:
             "select_target": self.select_target,
             "dedup": self.dedup,
             "include_warmup": self.include_warmup,
+            "check_equations": self.check_equations,
             "seed": self.seed,
         }
 
@@ -138,6 +143,23 @@ def pool_by_example(samples: Iterable[Sample]) -> dict[str, list[Sample]]:
                 f"the pool holds the same (iteration, sample index) twice: {twice}", record=example_id
             )
     return pool
+
+
+_EQUATION = re.compile(r"(-?\d+(?:\.\d+)?)\s*([-+*/×÷])\s*(-?\d+(?:\.\d+)?)\s*=\s*(-?\d+(?:\.\d+)?)")
+
+
+def equations_hold(text: str) -> bool:
+    """Whether every two-operand equation written out in ``text`` (``7 - 3 = 4``) is arithmetically
+    right; text without one passes. A right final answer reached through a wrong step is luck, and
+    training on it teaches the wrong step."""
+    for left, op, right, result in _EQUATION.findall(text):
+        a, b, c = float(left), float(right), float(result)
+        if op in "/÷" and b == 0:
+            return False
+        value = {"+": a + b, "-": a - b, "*": a * b, "×": a * b, "/": a / (b or 1), "÷": a / (b or 1)}[op]
+        if abs(value - c) > 1e-6 * max(1.0, abs(value)) and round(value, 2) != c:
+            return False
+    return True
 
 
 def dedupe(group: Sequence[Sample]) -> list[Sample]:
@@ -243,6 +265,10 @@ def build_self_items(
             group = kept
         correct = [s for s in group if s.correct]
         wrong = [s for s in group if not s.correct]
+        if config.check_equations:
+            checked = [s for s in correct if equations_hold(s.text)]
+            stats["positives_failing_equations"] += len(correct) - len(checked)
+            correct = checked
         if not correct:
             stats["questions_all_wrong"] += 1
             continue

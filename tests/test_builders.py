@@ -7,6 +7,7 @@ import re
 import pytest
 
 from r3v.builders import (
+    equations_hold,
     METHODS,
     BuildConfig,
     build_mixture,
@@ -269,3 +270,32 @@ def test_config_validation():
             BuildConfig(select_sizes=sizes)
     with pytest.raises(ValueError, match="select_target"):
         BuildConfig(select_target="letter")
+
+
+@pytest.mark.parametrize("text, holds", [
+    ("There are 7 objects. There are 3 red objects. 7 - 3 = 4.\nAnswer: 4", True),
+    ("There are 7 objects. There are 3 red objects. 7 - 3 = 5.\nAnswer: 5", False),
+    ("There are 2 squares. 3 + 3 = 5.\nAnswer: 5", False),
+    ("2 * 3 = 6, then 6 / 4 = 1.5 and 1.5 + 1 = 2.5", True),
+    ("6 / 0 = 0", False),
+    ("10 / 3 = 3.33", True),  # rounded to two places, as rationales write it
+    ("no arithmetic here\nAnswer: 4", True),
+])
+def test_equations_hold(text, holds):
+    assert equations_hold(text) is holds
+
+
+def test_check_equations_drops_lucky_positives():
+    ex = example(0)
+    total, answer = int(re.findall(r"\d+", ex.metadata["rationale"])[0]), int(ex.answer)
+    sound = sample(ex, f"{ex.metadata['rationale']}\nAnswer: {answer}", 1, 0)
+    lucky = sample(ex, f"{total} - 9 = {answer}.\nAnswer: {answer}", 1, 1)
+    miss = wrong(ex, "w", 1, 2)
+    assert sound.correct and lucky.correct and not equations_hold(lucky.text)
+    plain = build_self_items(TASK, [ex], [sound, lucky, miss], BuildConfig(), iteration=2)
+    assert plain.items[0].target == lucky.text  # the newest right answer, however it got there
+    checked = build_self_items(TASK, [ex], [sound, lucky, miss], BuildConfig(check_equations=True), iteration=2)
+    assert kinds(checked.items) == ["cot", "refine"]  # one positive left: no 3-way select set
+    assert checked.items[0].target == checked.items[1].target == sound.text
+    assert checked.stats["positives_failing_equations"] == 1
+    assert BuildConfig(check_equations=True).to_dict()["check_equations"] is True

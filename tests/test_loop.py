@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -131,6 +132,10 @@ def test_rerun_with_other_settings_is_refused(finished_run):
     result = CliRunner().invoke(main, [*ARGS, "--out", str(out), "--select-target", "solution"])
     assert result.exit_code != 0
     assert "other settings" in result.output and "select_target" in result.output
+    # the flag reaches the run's build settings
+    result = CliRunner().invoke(main, [*ARGS, "--out", str(out), "--check-equations"])
+    assert result.exit_code != 0
+    assert "build.check_equations" in result.output
 
 
 @pytest.mark.slow
@@ -241,3 +246,13 @@ def test_dev_runs_script_records_a_finished_run(finished_run):
     table = dev_runs.markdown([run], {"date": "d", "cpu": "c", "cores": 2})
     row = next(line for line in table.splitlines() if line.startswith(f"| {out.name} | 0 | 8 / 4 | 1 | cot+refine+select |"))
     assert " → ".join(f"{value:.3f}" for value in run["test_accuracy_by_iteration"]) in row
+    # inside the rationales: the greedy test answers of the first and the last iteration
+    from r3v.builders import equations_hold
+
+    assert set(run["rationales"]) == {"0", "1"}
+    for iteration, shares in run["rationales"].items():
+        greedy = read_jsonl(out / f"iter{iteration}" / "eval" / "greedy.jsonl")
+        right = sum(bool(re.search(r"\d+ [-+] \d+ = \d+", r["text"])) and equations_hold(r["text"]) for r in greedy)
+        assert shares["test_equations_right"] == round(right / len(greedy), 4)
+        assert 0 <= shares["test_rationales_faithful"] <= 1
+        assert shares["positives_faithful"] is None if iteration == "0" else 0 <= shares["positives_faithful"] <= 1

@@ -125,3 +125,22 @@ def test_the_shipped_base_model_reads_the_image(clevr_task):
 
     own, other = loss(0), loss(7)
     assert own < 0.85 * other, (own, other)
+
+
+def test_arithmetic_warmup_items_are_text_only_true_sums_in_the_rationale_wording():
+    import random
+
+    from r3v.builders import equations_hold
+    from r3v.models.base_model import arithmetic_items
+
+    items = arithmetic_items(200, random.Random(0))
+    assert items == arithmetic_items(200, random.Random(0))  # seeded
+    assert all(item.images == [] and item.kind == "distill" for item in items)
+    assert all(equations_hold(item.target) for item in items)
+    operators = {item.target.split()[1] for item in items}
+    assert operators == {"+", "-"}
+    # the operands the clevr-synth rationales use: counts up to 8, additions of 1 to 3
+    for item in items:
+        a, op, b = item.target.split()[:3]
+        assert 0 <= int(b) <= int(a) <= 8 if op == "-" else (0 <= int(a) <= 8 and 1 <= int(b) <= 3)
+        assert item.prompt == f"What is {a} {op} {b}?"

@@ -86,6 +86,8 @@ def method_name(method: str, no_refine: bool, no_select: bool) -> str:
               help="Self-select target: the answer line (official code) or the chosen solution (paper figure).")
 @click.option("--select-sizes", default="3", show_default=True,
               help="Candidates per self-select item, e.g. 3 (R3V) or 2,3,4,5,6 (for test-time scaling).")
+@click.option("--check-equations/--no-check-equations", default=False, show_default=True,
+              help="Use a right-answer sample as a positive only if every `a + b = c` step in it holds.")
 @click.option("--epochs", type=float, default=None, help="Training epochs [default: the trainer preset].")
 @click.option("--lr", "learning_rate", type=float, default=None, help="Learning rate [default: the trainer preset].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Items per micro-batch [default: the trainer preset].")
@@ -104,7 +106,7 @@ def train(
     iterations, model, task_name, data_dir, skip_bad, allow_outside_paths, task_args, method, no_refine, no_select,
     out_dir, train_limit, test_limit, from_base, warmup_file, image_root, teacher_count, skip_warmup_train, seed, samples_per_iteration,
     temperature, top_p, top_k, max_new_tokens, eval_samples, eval_max_new_tokens, select_target, select_sizes,
-    epochs, learning_rate, batch_size, grad_accum, lora, lora_r, lora_alpha, max_length, chunk_size, backend_name,
+    check_equations, epochs, learning_rate, batch_size, grad_accum, lora, lora_r, lora_alpha, max_length, chunk_size, backend_name,
     device, trust_remote_code,
 ):
     """Run the R3V self-training loop: a warm-up (iteration 0), then N iterations of
@@ -128,7 +130,8 @@ def train(
     task = make_task(task_name, parsed_task_args, skip_bad=skip_bad, allow_outside_paths=allow_outside_paths)
     sizes = parse_sizes(select_sizes)
     preset = method_name(method, no_refine, no_select)
-    build = BuildConfig.preset(preset, select_sizes=sizes, select_target=select_target, seed=seed)
+    build = BuildConfig.preset(preset, select_sizes=sizes, select_target=select_target, check_equations=check_equations,
+                               seed=seed)
     overrides = {
         "epochs": epochs, "learning_rate": learning_rate, "batch_size": batch_size, "grad_accum": grad_accum,
         "lora": lora, "lora_r": lora_r, "lora_alpha": lora_alpha, "max_length": max_length,
