@@ -79,7 +79,6 @@ def run_arm(arm: str, seed: int, iterations: int, run_root: Path, threads: int |
 
 
 COUNT_STEP = re.compile(r"There are (\d+) (\w+)")
-EQUATION = re.compile(r"\d+ [-+] \d+ = \d+")
 
 
 def faithfulness(iteration_dir: Path, task_args: dict | None = None) -> dict:
@@ -87,7 +86,7 @@ def faithfulness(iteration_dir: Path, task_args: dict | None = None) -> dict:
     its equation holds: over the iteration's greedy test answers, and over its positives (the train
     samples, drawn by the previous iteration's model, whose final answer is right). The final-answer
     check cannot see these steps."""
-    from r3v.builders import equations_hold
+    from r3v.builders import equations_hold, written_equations
     from r3v.tasks.clevr_synth import ClevrSynth
 
     def shares(path: Path, split: str, only_correct: bool) -> tuple[float | None, float | None]:
@@ -99,7 +98,7 @@ def faithfulness(iteration_dir: Path, task_args: dict | None = None) -> dict:
         if not rows:
             return None, None
         counted = sum(COUNT_STEP.findall(r["text"])[: len(steps[r["example_id"]])] == steps[r["example_id"]] for r in rows)
-        computed = sum(bool(EQUATION.search(r["text"])) and equations_hold(r["text"]) for r in rows)
+        computed = sum(bool(written_equations(r["text"])) and equations_hold(r["text"]) for r in rows)
         return round(counted / len(rows), 4), round(computed / len(rows), 4)
 
     test_counts, test_equations = shares(iteration_dir / "eval" / "greedy.jsonl", "test", only_correct=False)

@@ -148,15 +148,20 @@ def pool_by_example(samples: Iterable[Sample]) -> dict[str, list[Sample]]:
 _EQUATION = re.compile(r"(-?\d+(?:\.\d+)?)\s*([-+*/×÷])\s*(-?\d+(?:\.\d+)?)\s*=\s*(-?\d+(?:\.\d+)?)")
 
 
+def written_equations(text: str) -> list[tuple[str, str, str, str]]:
+    """The two-operand equations written out in ``text``: ``7 - 3 = 4`` gives ("7", "-", "3", "4")."""
+    return _EQUATION.findall(text)
+
+
 def equations_hold(text: str) -> bool:
-    """Whether every two-operand equation written out in ``text`` (``7 - 3 = 4``) is arithmetically
-    right; text without one passes. A right final answer reached through a wrong step is luck, and
-    training on it teaches the wrong step."""
-    for left, op, right, result in _EQUATION.findall(text):
+    """Whether every equation written out in ``text`` is arithmetically right (a result rounded to
+    2 places passes); text without one passes. A right final answer reached through a wrong step
+    is luck, and training on it teaches the wrong step."""
+    for left, op, right, result in written_equations(text):
         a, b, c = float(left), float(right), float(result)
         if op in "/÷" and b == 0:
             return False
-        value = {"+": a + b, "-": a - b, "*": a * b, "×": a * b, "/": a / (b or 1), "÷": a / (b or 1)}[op]
+        value = {"+": a + b, "-": a - b, "*": a * b, "×": a * b, "/": a / b if b else 0, "÷": a / b if b else 0}[op]
         if abs(value - c) > 1e-6 * max(1.0, abs(value)) and round(value, 2) != c:
             return False
     return True

@@ -7,11 +7,11 @@ import re
 import pytest
 
 from r3v.builders import (
-    equations_hold,
     METHODS,
     BuildConfig,
     build_mixture,
     build_self_items,
+    equations_hold,
     pool_by_example,
     qa_items,
     select_sets,

@@ -252,6 +252,7 @@ def test_dev_runs_script_records_a_finished_run(finished_run):
     assert set(run["rationales"]) == {"0", "1"}
     for iteration, shares in run["rationales"].items():
         greedy = read_jsonl(out / f"iter{iteration}" / "eval" / "greedy.jsonl")
+        # an equation is written (a regex of its own here) and it holds
         right = sum(bool(re.search(r"\d+ [-+] \d+ = \d+", r["text"])) and equations_hold(r["text"]) for r in greedy)
         assert shares["test_equations_right"] == round(right / len(greedy), 4)
         assert 0 <= shares["test_rationales_faithful"] <= 1

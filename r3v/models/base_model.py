@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 from r3v.models.tiny import build_tiny_model, cache_root
 
 if TYPE_CHECKING:
+    from r3v.records import TrainItem
     from r3v.tasks.clevr_synth import ClevrSynth
 
 NAME = "r3v-clevr-base"
