@@ -15,6 +15,7 @@ A rerun reuses finished arms in --run-root (each arm's loop resumes), so only ne
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -81,18 +82,27 @@ def run_arm(arm: str, seed: int, iterations: int, run_root: Path, threads: int |
 COUNT_STEP = re.compile(r"There are (\d+) (\w+)")
 
 
+@functools.cache
+def gold_count_steps(split: str, task_args_json: str) -> dict[str, list[tuple[str, str]]]:
+    """The teacher's counting steps per question of a split; built once per dataset, since every
+    arm, seed and iteration reads the same ones."""
+    from r3v.tasks.clevr_synth import ClevrSynth
+
+    task = ClevrSynth(**json.loads(task_args_json))
+    return {ex.id: COUNT_STEP.findall(ex.metadata["rationale"]) for ex in task.load(split)}
+
+
 def faithfulness(iteration_dir: Path, task_args: dict | None = None) -> dict:
     """How often a rationale's counting steps ("There are N objects", ...) are all right, and how often
     its equation holds: over the iteration's greedy test answers, and over its positives (the train
     samples, drawn by the previous iteration's model, whose final answer is right). The final-answer
     check cannot see these steps."""
     from r3v.builders import equations_hold, written_equations
-    from r3v.tasks.clevr_synth import ClevrSynth
 
     def shares(path: Path, split: str, only_correct: bool) -> tuple[float | None, float | None]:
         if not path.exists():
             return None, None
-        steps = {ex.id: COUNT_STEP.findall(ex.metadata["rationale"]) for ex in ClevrSynth(**(task_args or {})).load(split)}
+        steps = gold_count_steps(split, json.dumps(task_args or {}, sort_keys=True))
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         rows = [r for r in rows if r["correct"] or not only_correct]
         if not rows:
