@@ -118,7 +118,7 @@ def run_r3v(model_path: str, questions: int, seed: int, out_dir: Path) -> dict[s
         lora_target=LORA_TARGET,
         epochs=EPOCHS,
         batch_size=BATCH_SIZE,
-        grad_accum=1,
+        global_batch=BATCH_SIZE,
         max_length=4096,
         seed=seed,
         bf16=False,

@@ -59,8 +59,10 @@ class BenchConfig:
     selectors: tuple[str, ...] = ("first", "majority", "self-select", "oracle")
     #: Token limit for a selector's own model call (self-select); None means ``sampling.max_new_tokens``.
     select_max_new_tokens: int | None = None
-    #: Questions per generate call while sampling, which is also the unit of resume.
+    #: Questions per sample-store chunk, the unit of resume.
     chunk_size: int = 32
+    #: Questions per backend call (several chunks at once); None: one chunk per call.
+    engine_batch: int | None = None
 
     def __post_init__(self) -> None:
         if self.sampling.n < 1:
@@ -218,7 +220,8 @@ def run_bench(
     out.mkdir(parents=True, exist_ok=True)
     store = SampleStore(out / "samples.jsonl", store_settings(identity, config))
     samples = sample_examples(
-        backend, task, examples, config.sampling, store, chunk_size=config.chunk_size, on_chunk=on_chunk
+        backend, task, examples, config.sampling, store, chunk_size=config.chunk_size, on_chunk=on_chunk,
+        engine_batch=config.engine_batch,
     )
     ks = ladder_for(config.sampling.n, config.ladder)
     select_tokens = config.select_max_new_tokens or config.sampling.max_new_tokens

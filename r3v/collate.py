@@ -8,17 +8,25 @@ appended: that is the token sequence the model produces when it generates after 
 Labels are -100 on every prompt and padding position.
 
 Over-long items are cut from the target end (image tokens live in the prompt and are never cut);
-an item whose prompt alone fills ``max_length`` is skipped with a warning.
+an item whose prompt alone fills ``max_length`` is skipped. Both are counted per item kind.
+
+Nothing is encoded up front. ``ItemDataset`` measures every item's length from its text and its
+images' sizes (``LengthMeter``: the processor runs once per distinct image size, on a blank
+image), so start-up costs a tokenizer pass, not an image-processor pass over the mixture. The
+images are processed when the DataLoader asks for an item, in its worker processes.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from r3v.backends.base import Request
@@ -26,12 +34,15 @@ from r3v.errors import DataError
 from r3v.models.batching import SEQUENCE_KEYS, collate
 from r3v.models.batching import encode as encode_prompt
 from r3v.models.shared_images import IMAGE_INDEX_KEY, IMAGE_SET_KEY, IMAGE_SETS_KEY, distinct_image_sets
-from r3v.records import OBJECTIVE_OF_KIND, Example, TrainItem, load_image
+from r3v.records import MAX_ASPECT_RATIO, OBJECTIVE_OF_KIND, Example, TrainItem, load_image
 
 log = logging.getLogger(__name__)
 
 #: The three R3V objectives, in the order their losses are indexed in a batch's ``objective`` tensor.
 OBJECTIVES = ("sft", "refine", "select")
+
+#: Per-row batch entry: True for the copies that pad an epoch's last optimizer step (no labels).
+PADDING_KEY = "padding"
 
 _SENTINEL = "R3V-TARGET-SENTINEL"
 
@@ -109,12 +120,69 @@ def encode_item(
     return out, status
 
 
+class LengthMeter:
+    """Token counts of chat prompts from their text and their images' sizes alone.
+
+    A processor turns each image placeholder into a number of tokens that depends only on the
+    image's size (Qwen2-VL: one per 28x28 patch after resizing; LLaVA: a constant), so the meter
+    runs the processor once per distinct size, on a blank image, and adds that count to the
+    tokenizer's count of the text. ``r3v.collate.ItemDataset`` checks each prediction against the
+    real encoding when the item is used.
+    """
+
+    def __init__(self, processor: Any) -> None:
+        self.processor = processor
+        self.tokenizer = tokenizer_of(processor)
+        self._per_image: dict[tuple[int, int], int] = {}
+        probe = prompt_text(processor, "x", 0)
+        # a processor may add special tokens its tokenizer's default call does not: count them once
+        self._per_call = encode_prompt(processor, probe, [])["input_ids"].shape[0] - self._count([probe])[0]
+
+    def _count(self, texts: list[str]) -> list[int]:
+        return [len(ids) for ids in self.tokenizer(texts)["input_ids"]]
+
+    def image_tokens(self, size: tuple[int, int]) -> int:
+        """Tokens one image of ``size`` (width, height) adds to a prompt, beyond its placeholder text."""
+        if size not in self._per_image:
+            text = prompt_text(self.processor, "x", 1)
+            encoded = encode_prompt(self.processor, text, [Image.new("RGB", size)])["input_ids"].shape[0]
+            self._per_image[size] = encoded - self._count([text])[0] - self._per_call
+        return self._per_image[size]
+
+    def prompt_lengths(self, texts: list[str], image_sizes: list[list[tuple[int, int]]]) -> list[int]:
+        """Encoded length of each rendered prompt text with its images (one size per image)."""
+        counts = self._count(texts) if texts else []
+        return [count + self._per_call + sum(self.image_tokens(size) for size in sizes)
+                for count, sizes in zip(counts, image_sizes, strict=True)]
+
+
+def image_size(source: Any, record: str) -> tuple[int, int]:
+    """(width, height) of an image path or PIL image, reading only the file's header."""
+    if isinstance(source, Image.Image):
+        return source.size
+    path = Path(source)
+    if not path.exists():
+        raise DataError(f"image file not found: {path}", path=path, record=record)
+    try:
+        with Image.open(path) as opened:
+            width, height = opened.size
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataError(f"cannot read image {path}: {exc}", path=path, record=record) from exc
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise DataError(
+            f"image {path} is {width}x{height}: aspect ratio above {MAX_ASPECT_RATIO}:1, which VLM processors reject",
+            path=path, record=record,
+        )
+    return width, height
+
+
 @dataclass
 class CompletionCollator:
     """Right-pads sequence features (labels with -100) and concatenates vision features.
 
     Rows without images simply contribute no pixel rows, so text-only and image items can share
-    a batch. ``objective`` becomes a (batch,) tensor of indices into ``OBJECTIVES``.
+    a batch. ``objective`` becomes a (batch,) tensor of indices into ``OBJECTIVES``, ``padding``
+    a (batch,) bool tensor marking the label-free copies that fill an epoch's last step.
     """
 
     pad_token_id: int
@@ -136,22 +204,26 @@ class CompletionCollator:
             vision_rows, image_index, image_sets = distinct_image_sets(features)
             if image_index is not None:
                 batch[IMAGE_INDEX_KEY], batch[IMAGE_SETS_KEY] = image_index, image_sets
-        not_vision = {*SEQUENCE_KEYS, "objective", IMAGE_SET_KEY}
+        not_vision = {*SEQUENCE_KEYS, "objective", IMAGE_SET_KEY, PADDING_KEY}
         other_keys = [k for f in features for k in f if k not in not_vision]
         for key in dict.fromkeys(other_keys):
             batch[key] = torch.cat([f[key] for f in vision_rows if key in f], dim=0)
         batch["objective"] = torch.tensor([int(f["objective"]) for f in features], dtype=torch.long)
+        batch[PADDING_KEY] = torch.tensor([bool(f.get(PADDING_KEY, False)) for f in features], dtype=torch.bool)
         return batch
 
 
 class ItemDataset(Dataset):
-    """TrainItems encoded for training, with their lengths (for length grouping) and objectives.
+    """TrainItems with their token lengths and objectives; encoded when the loader asks for them.
 
-    Every item is encoded once up front, to measure it and to drop the ones that do not fit.
-    Encodings are kept in memory up to ``cache_bytes``; items past that budget are encoded again
-    when the loader asks for them (encoding is deterministic), so large image sets do not have to
-    fit in RAM. Items with the same images (an R3V mixture has QA, CoT, refine and select items
-    per image) share one copy of the image tensors, which are most of an encoding's size.
+    Lengths, and so the skip / truncate decisions, come from ``LengthMeter`` at construction, with
+    no image processing. ``dataset[i]`` loads item i's images and encodes it (in a DataLoader
+    worker when there are workers), keeping encodings in a per-process cache of ``cache_bytes``;
+    items that show the same images (an R3V mixture has QA, CoT, refine and select items per image)
+    share one copy of the image tensors there, which is most of an encoding's size.
+
+    Index ``len(dataset) + i`` is a label-free copy of item i: ``StepSampler`` pads an epoch's last
+    optimizer step with those, so every process runs the same number of micro-batches.
     """
 
     def __init__(
@@ -165,114 +237,221 @@ class ItemDataset(Dataset):
         self.processor = processor
         self.end_token = end_of_turn(processor)
         self.max_length = max_length
+        self.cache_bytes = cache_bytes
         self.entries: list[tuple[TrainItem, list[Any]]] = []  # (item, image paths or PIL images)
         self.lengths: list[int] = []
         self.objectives: list[int] = []
         self.target_tokens = 0
         self.truncated: list[str] = []
         self.skipped: list[str] = []
-        self._cache: list[dict[str, torch.Tensor] | None] = []
+        #: Over-long items per kind: {"skipped": {kind: n}, "truncated": {kind: n}}.
+        self.over_length: dict[str, dict[str, int]] = {"skipped": {}, "truncated": {}}
         self.image_sets: list[tuple[int, int] | None] = []  # (image set id, number of images) per item
+        self._prompt_lengths: list[int] = []
+        self._cache: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
+        self._cached_bytes = 0
+        self._shared: dict[int, tuple[dict[str, torch.Tensor], int]] = {}  # set id -> (vision tensors, users)
+
+        records = [f"item {i} ({item.kind}, example {item.example_id})" for i, item in enumerate(items)]
+        objectives = [_objective_index(item, record) for item, record in zip(items, records, strict=True)]
+        sources = [_image_sources(item, examples, record) for item, record in zip(items, records, strict=True)]
+        sizes_by_key: dict[Any, tuple[int, int]] = {}
+        sizes = []
+        for record, item_sources in zip(records, sources, strict=True):
+            keys = [_source_key(src) for src in item_sources]
+            for key, src in zip(keys, item_sources, strict=True):
+                if key not in sizes_by_key:
+                    sizes_by_key[key] = image_size(src, record)
+            sizes.append([sizes_by_key[key] for key in keys])
+        meter = LengthMeter(processor)
+        tokenizer = tokenizer_of(processor)
+        prompts = meter.prompt_lengths(
+            [prompt_text(processor, item.prompt, len(srcs)) for item, srcs in zip(items, sources, strict=True)], sizes
+        )
+        targets = [len(ids) for ids in tokenizer([item.target + self.end_token for item in items],
+                                                 add_special_tokens=False)["input_ids"]] if items else []
         set_ids: dict[tuple, int] = {}
-        shared: dict[tuple, dict[str, torch.Tensor]] = {}  # image tensors of cached items, by image source
-        used = 0
-        for position, item in enumerate(items):
-            record = f"item {position} ({item.kind}, example {item.example_id})"
-            objective = _objective_index(item, record)
-            images = _item_images(item, examples, record)
-            features, status = encode_item(processor, item.prompt, item.target, images, self.end_token, max_length)
-            if features is None:
+        for item, record, objective, item_sources, prompt_length, target_length in zip(
+            items, records, objectives, sources, prompts, targets, strict=True
+        ):
+            room = max_length - prompt_length
+            if room < 1:
                 self.skipped.append(record)
+                _bump(self.over_length["skipped"], item.kind)
                 continue
-            if status == "truncated":
+            if target_length > room:
                 self.truncated.append(record)
-            sources = _image_sources(item, examples)
-            # A path names its file; an in-memory image is the same object while ``entries`` holds it.
-            key = tuple(src if isinstance(src, str) else id(src) for src in sources)
-            reused = shared.get(key, {}) if sources else {}
-            features.update(reused)
-            size = sum(t.numel() * t.element_size() for k, t in features.items() if k not in reused)
-            keep = used + size <= cache_bytes
-            used += size if keep else 0
-            if keep and sources and not reused:
-                shared[key] = {k: v for k, v in features.items() if k not in SEQUENCE_KEYS}
-            self.entries.append((item, sources))
-            self.image_sets.append((set_ids.setdefault(key, len(set_ids)), len(sources)) if sources else None)
-            self._cache.append(features if keep else None)
-            self.lengths.append(int(features["input_ids"].shape[0]))
+                _bump(self.over_length["truncated"], item.kind)
+            key = tuple(_source_key(src) for src in item_sources)
+            self.entries.append((item, item_sources))
+            self.image_sets.append((set_ids.setdefault(key, len(set_ids)), len(item_sources)) if item_sources else None)
+            self._prompt_lengths.append(prompt_length)
+            self.lengths.append(prompt_length + min(target_length, room))
             self.objectives.append(objective)
-            self.target_tokens += int((features["labels"] != -100).sum())
+            self.target_tokens += min(target_length, room)
         if self.skipped:
-            log.warning(
-                "skipped %d item(s) whose prompt alone is longer than max_length=%d, e.g. %s",
-                len(self.skipped), max_length, self.skipped[0],
-            )
+            log.warning("skipped %d item(s) whose prompt alone is longer than max_length=%d (%s), e.g. %s",
+                        len(self.skipped), max_length, _per_kind(self.over_length["skipped"]), self.skipped[0])
         if self.truncated:
-            log.warning(
-                "cut the target of %d item(s) to fit max_length=%d, e.g. %s",
-                len(self.truncated), max_length, self.truncated[0],
-            )
+            log.warning("cut the target of %d item(s) to fit max_length=%d (%s), e.g. %s",
+                        len(self.truncated), max_length, _per_kind(self.over_length["truncated"]), self.truncated[0])
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        features = self._cache[index]
+        padding = index >= len(self.entries)
+        index = index - len(self.entries) if padding else index
+        features = self._cache.get(index)
         if features is None:
-            item, sources = self.entries[index]
-            images = [load_image(src, record=item.example_id) for src in sources]
-            features, _ = encode_item(self.processor, item.prompt, item.target, images, self.end_token, self.max_length)
-        extra = {IMAGE_SET_KEY: self.image_sets[index]} if self.image_sets[index] else {}
-        return {**features, "objective": self.objectives[index], **extra}
+            features = self._encode(index)
+        else:
+            self._cache.move_to_end(index)
+        out = {**features, "objective": self.objectives[index]}
+        if self.image_sets[index]:
+            out[IMAGE_SET_KEY] = self.image_sets[index]
+        if padding:
+            out["labels"] = torch.full_like(features["labels"], -100)
+            out[PADDING_KEY] = True
+        return out
+
+    def _encode(self, index: int) -> dict[str, torch.Tensor]:
+        item, sources = self.entries[index]
+        record = f"item {index} ({item.kind}, example {item.example_id})"
+        images = [load_image(src, record=record) for src in sources]
+        features, _ = encode_item(self.processor, item.prompt, item.target, images, self.end_token, self.max_length)
+        prompt_length = None if features is None else int((features["labels"] == -100).sum())
+        if prompt_length != self._prompt_lengths[index]:
+            raise RuntimeError(
+                f"{record}: the processor encoded its prompt to {prompt_length} tokens where r3v predicted "
+                f"{self._prompt_lengths[index]} from the text and image sizes; this processor's image tokens "
+                "do not depend on the image size alone, which r3v's length measurement assumes"
+            )
+        self._remember(index, features)
+        return features
+
+    def _remember(self, index: int, features: dict[str, torch.Tensor]) -> None:
+        """Cache an encoding (least recently used out first), sharing image tensors by image set."""
+        set_id = self.image_sets[index][0] if self.image_sets[index] else None
+        sequence = _nbytes(v for k, v in features.items() if k in SEQUENCE_KEYS)
+        vision = {k: v for k, v in features.items() if k not in SEQUENCE_KEYS}
+
+        def needed() -> int:  # an image set already cached costs nothing more
+            return sequence + (0 if set_id is not None and set_id in self._shared else _nbytes(vision.values()))
+
+        if needed() > self.cache_bytes:
+            return
+        while self._cached_bytes + needed() > self.cache_bytes and self._cache:
+            self._forget(*self._cache.popitem(last=False))
+        self._cached_bytes += needed()
+        if set_id is not None:
+            tensors, users = self._shared.get(set_id, (vision, 0))
+            features.update(tensors)
+            self._shared[set_id] = (tensors, users + 1)
+        self._cache[index] = features
+
+    def _forget(self, index: int, features: dict[str, torch.Tensor]) -> None:
+        self._cached_bytes -= _nbytes(v for k, v in features.items() if k in SEQUENCE_KEYS)
+        image_set = self.image_sets[index]
+        if not image_set:
+            self._cached_bytes -= _nbytes(v for k, v in features.items() if k not in SEQUENCE_KEYS)
+            return
+        tensors, users = self._shared[image_set[0]]
+        if users > 1:
+            self._shared[image_set[0]] = (tensors, users - 1)
+        else:
+            del self._shared[image_set[0]]
+            self._cached_bytes -= _nbytes(tensors.values())
 
     def items_per_objective(self) -> dict[str, int]:
         return {name: self.objectives.count(i) for i, name in enumerate(OBJECTIVES)}
 
+    def items_per_kind(self) -> dict[str, int]:
+        return dict(Counter(item.kind for item, _ in self.entries))
 
-class LengthGroupedSampler(Sampler[int]):
-    """A seeded shuffle per epoch that, optionally, puts items of similar length in the same batch.
 
-    The shuffled order is cut into blocks of ``batch_size * block_batches`` items; each block is
-    sorted by length and split into batches, and the batches are shuffled again. The batch holding
-    the longest item comes first, so an out-of-memory shows up on the first step, not hours in.
-    The order depends only on (seed, epoch), which makes a resumed run see the same batches.
+class StepSampler(Sampler[int]):
+    """Item order laid out in optimizer steps, the same for any number of processes.
+
+    Each epoch is a seeded shuffle, cut into steps of ``step_items`` consecutive indices (the
+    global batch). The DataLoader cuts the order into micro-batches and accelerate deals them
+    out to the processes in turn, so step s trains on the same items whether one process
+    accumulates all its micro-batches or eight processes share them: the order depends only on
+    (seed, epoch, step size), never on the per-device batch.
+
+    With ``group_by_length`` the shuffle is cut into blocks of ``block_steps`` steps, each block
+    is sorted by length and cut into steps, the steps are shuffled, and the step holding the
+    longest item runs first (an out-of-memory error shows at step 1, not hours in). Items inside a
+    step run longest first, so micro-batches hold similar lengths.
+
+    An epoch's last step, when short, is padded up to a multiple of ``pad_multiple`` (processes x
+    per-device batch, with several processes) with label-free copies of its own items (indices
+    ``len(lengths) + i``, see ``ItemDataset``): they add no loss and no gradient, and every process
+    runs the same number of full micro-batches in that step. (Unpadded, accelerate would even out a
+    short last micro-batch with repeated real items, which would count twice.) The Trainer runs a
+    short last accumulation as it is.
     """
 
-    def __init__(
-        self, lengths: Sequence[int], batch_size: int, seed: int, group_by_length: bool = True, block_batches: int = 50
-    ) -> None:
+    def __init__(self, lengths: Sequence[int], step_items: int, seed: int, group_by_length: bool = True,
+                 block_steps: int = 50, pad_multiple: int = 1) -> None:
+        if step_items < 1 or pad_multiple < 1 or step_items % pad_multiple:
+            raise ValueError(f"step_items ({step_items}) must be a positive multiple of pad_multiple ({pad_multiple})")
         self.lengths = list(lengths)
-        self.batch_size = batch_size
+        self.step_items = step_items
+        self.pad_multiple = pad_multiple
         self.seed = seed
         self.group_by_length = group_by_length
-        self.block_batches = block_batches
+        self.block_steps = block_steps
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.lengths)
+        full, short = divmod(len(self.lengths), self.step_items)
+        return full * self.step_items + -(-short // self.pad_multiple) * self.pad_multiple
 
-    def __iter__(self):
+    def steps(self) -> list[list[int]]:
+        """This epoch's steps, each a list of item indices (the last one possibly short)."""
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        size = self.step_items
         if not self.group_by_length:
-            return iter(order)
-        block = self.batch_size * self.block_batches
+            return [order[i : i + size] for i in range(0, len(order), size)]
+        block = size * self.block_steps
         full: list[list[int]] = []
         partial: list[list[int]] = []
         for start in range(0, len(order), block):
             chunk = sorted(order[start : start + block], key=lambda i: (-self.lengths[i], i))
-            for b in range(0, len(chunk), self.batch_size):
-                batch = chunk[b : b + self.batch_size]
-                (full if len(batch) == self.batch_size else partial).append(batch)
-        # Only a batch that stays whole through batching may move: partial ones keep the end.
-        batches = [full[i] for i in torch.randperm(len(full), generator=generator).tolist()]
-        if batches:
-            longest = max(range(len(batches)), key=lambda b: max(self.lengths[i] for i in batches[b]))
-            batches.insert(0, batches.pop(longest))
-        return iter([i for batch in batches + partial for i in batch])
+            for s in range(0, len(chunk), size):
+                step = chunk[s : s + size]
+                (full if len(step) == size else partial).append(step)
+        steps = [full[i] for i in torch.randperm(len(full), generator=generator).tolist()]
+        if steps:
+            longest = max(range(len(steps)), key=lambda s: max(self.lengths[i] for i in steps[s]))
+            steps.insert(0, steps.pop(longest))
+        return steps + partial
+
+    def __iter__(self):
+        order: list[int] = []
+        for step in self.steps():
+            step = sorted(step, key=lambda i: (-self.lengths[i], i))
+            missing = -len(step) % self.pad_multiple
+            pads = [len(self.lengths) + step[j % len(step)] for j in range(missing)]
+            order += step + pads
+        return iter(order)
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _bump(counts: dict[str, int], kind: str) -> None:
+    counts[kind] = counts.get(kind, 0) + 1
+
+
+def _per_kind(counts: dict[str, int]) -> str:
+    return ", ".join(f"{kind} {n}" for kind, n in sorted(counts.items()))
 
 
 def _objective_index(item: TrainItem, record: str) -> int:
@@ -283,13 +462,14 @@ def _objective_index(item: TrainItem, record: str) -> int:
     return OBJECTIVES.index(item.objective)
 
 
-def _image_sources(item: TrainItem, examples: dict[str, Example]) -> list[Any]:
+def _source_key(source: Any) -> Any:
+    # A path names its file; an in-memory image is the same object while the dataset holds it.
+    return source if isinstance(source, str) else id(source)
+
+
+def _image_sources(item: TrainItem, examples: dict[str, Example], record: str) -> list[Any]:
     if item.images is not None:
         return list(item.images)
-    return list(examples[item.example_id].images)
-
-
-def _item_images(item: TrainItem, examples: dict[str, Example], record: str) -> list[Any]:
-    if item.images is None and item.example_id not in examples:
+    if item.example_id not in examples:
         raise DataError(f"example {item.example_id!r} is not among the {len(examples)} examples given", record=record)
-    return [load_image(src, record=record) for src in _image_sources(item, examples)]
+    return list(examples[item.example_id].images)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -90,3 +92,24 @@ def append_jsonl(handle, records: list[dict]) -> None:
     handle.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     handle.flush()
     os.fsync(handle.fileno())
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """``with atomic_folder(out) as tmp:`` fill ``tmp``; on success it replaces ``out`` whole.
+
+    The folder is built under a hidden temporary name beside ``out`` and renamed at the end, so a
+    kill mid-way never leaves a half-written ``out`` that looks complete; on an error the
+    temporary folder is removed and ``out`` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

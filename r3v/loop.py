@@ -51,6 +51,7 @@ from r3v.builders import BuildConfig, build_mixture, warmup_mixture
 from r3v.errors import DataError
 from r3v.io import append_jsonl, atomic_write_json, iter_jsonl, repair_jsonl_tail
 from r3v.manifest import run_manifest
+from r3v.meter import PhaseMeter, merge, return_freed_memory
 from r3v.metrics import summarize_samples
 from r3v.records import OBJECTIVE_OF_KIND, Example, Sample, TrainItem, read_jsonl, write_jsonl
 from r3v.store import SampleStore, sample_examples
@@ -60,6 +61,11 @@ EVAL_SELECTORS = ("first", "majority", "self-select", "oracle")
 
 #: The phases timed per iteration. Sampling excludes the answer scoring done while sampling.
 PHASES = ("loading", "sampling", "scoring", "building", "training", "evaluation")
+
+TRAINING_PROCESSES = ("auto", "separate", "inline", "external")
+
+#: Trackers' folder in the run directory (``--report-to``): the loop's metrics and each training step.
+TRACKING_DIR = "tracking"
 
 
 @dataclass
@@ -104,14 +110,26 @@ class LoopConfig:
     eval_samples: int = 3
     #: Token limit for evaluation (greedy, candidates and the select call); None: ``sampling.max_new_tokens``.
     eval_max_new_tokens: int | None = None
-    #: Questions per generate call; also the unit in which sampling resumes.
+    #: Questions per sample-store chunk: the unit in which sampling resumes.
     chunk_size: int = 32
+    #: Questions per backend call (several chunks at once); None: one chunk per call.
+    engine_batch: int | None = None
     #: The one seed every random choice derives from.
     seed: int = 0
-    #: Generation backend (see ``r3v list``) and options passed to it (e.g. device, dtype).
+    #: Generation backend (see ``r3v list``) and options passed to it (device, engine options such
+    #: as tensor_parallel_size; the trainer's ``max_pixels`` is added unless given here).
     backend: str = "hf"
     backend_options: dict[str, Any] = field(default_factory=dict)
     trust_remote_code: bool = False
+    #: Where training runs: "separate" (a process of its own, which hands all its memory back when
+    #: it exits), "inline" (this process), "external" (the loop writes the job and waits for someone
+    #: to run it, e.g. ``accelerate launch`` on every node of a cluster), or "auto" (separate when a
+    #: GPU is used or ``num_processes`` > 1, else inline).
+    training_process: str = "auto"
+    #: Training processes (``accelerate launch``), e.g. one per GPU.
+    num_processes: int = 1
+    #: An accelerate config for training (``configs/accelerate/{ddp,zero2,zero3,fsdp}.yaml``).
+    accelerate_config: str | None = None
 
     def __post_init__(self) -> None:
         if self.iterations < 0:
@@ -120,6 +138,12 @@ class LoopConfig:
             raise ValueError("self-training needs sampled (not greedy) decoding with n >= 1")
         if self.eval_samples < 0:
             raise ValueError("eval_samples must be 0 or more")
+        if self.training_process not in TRAINING_PROCESSES:
+            raise ValueError(f"training_process must be one of {', '.join(TRAINING_PROCESSES)}, not {self.training_process!r}")
+        if self.num_processes < 1:
+            raise ValueError("num_processes must be at least 1")
+        if self.training_process == "inline" and (self.num_processes > 1 or self.accelerate_config):
+            raise ValueError("several training processes or an accelerate config need training_process separate (or auto)")
         # one seed rules them all: the builder's shuffles follow the run's seed
         self.build = replace(self.build, seed=self.seed)
 
@@ -251,27 +275,46 @@ class Loop:
             config.allow_outside_paths,
         )
         # only once the inputs parsed: a bad warm-up file must not pin a new run directory
-        check_run_dir(self.run_dir, self.settings)
+        check_run_dir(self.run_dir, self.settings, self.execution())
         if not distill:
             log(f"warning: no distilled CoT for {config.task!r}, so the warm-up is QA only. "
                 "Pass --warmup-file (see r3v distill) to give the model worked solutions to start from.")
         self.warmup = warmup_mixture(self.task, self.train_examples, distill)
         self._backend: Any = None
         self._backend_ref: ModelRef | None = None
+        self._processors: dict[str, Any] = {}
+        self._tracker: Any = None
+
+    def execution(self) -> dict[str, Any]:
+        """How this run executes: engine options and training processes (not part of its identity)."""
+        config = self.config
+        return {"backend": config.backend, "backend_options": dict(config.backend_options),
+                "engine_batch": config.engine_batch, "chunk_size": config.chunk_size,
+                "training_process": config.training_process, "num_processes": config.num_processes,
+                "accelerate_config": config.accelerate_config}
 
     # ---------------------------------------------------------------- the loop
 
     def run(self) -> list[dict[str, Any]]:
         """Run iterations 0..N; finished ones are skipped. Returns all metrics rows."""
+        from r3v.tracking import LoopTracker
+
         try:
             for k in range(self.config.iterations + 1):
                 if self.metrics_row(k) is not None:
                     self.log(f"iteration {k}: already finished")
                     continue
-                self.iteration(k)
+                row = self.iteration(k)
+                if self.train_config.report_to:
+                    if self._tracker is None:
+                        self._tracker = LoopTracker(self.train_config.report_to, self.run_dir / TRACKING_DIR,
+                                                    self.run_dir.name, self.settings, log=self.log)
+                    self._tracker.log_iteration(row)
         finally:
             self.release()
             self.write_timing_summary()
+            if self._tracker is not None:
+                self._tracker.finish()
         return self.metrics_rows()
 
     def iteration(self, k: int) -> dict[str, Any]:
@@ -329,14 +372,38 @@ class Loop:
             info = json.loads(marker.read_text())
             items = [TrainItem.from_dict(record) for record in read_jsonl(items_path)]
             return {**info, "items": items}
-        with self.clock(k, "building"):
+        with self.phase(k, "building"):
             result = build_mixture(self.task, self.train_examples, pool, self.config.build, k, self.warmup)
             write_jsonl(items_path, result.items)
-            info = {"counts": result.counts, "stats": result.stats, "pool_samples": len(pool)}
+            over_length = self.over_length(k, result.items)
+            info = {"counts": result.counts, "stats": result.stats, "pool_samples": len(pool),
+                    "over_length": over_length}
             atomic_write_json(marker, info)
         counts = ", ".join(f"{kind} {n}" for kind, n in result.counts.items() if n)
         self.log(f"  built {len(result.items)} items ({counts})")
+        for what, by_kind in over_length.items():
+            if by_kind:
+                self.log(f"  [yellow]{sum(by_kind.values())} item(s) longer than max_length={self.train_config.max_length} "
+                         f"will be {what} ({', '.join(f'{kind} {n}' for kind, n in sorted(by_kind.items()))})[/]")
         return {**info, "items": result.items}
+
+    def over_length(self, k: int, items: Sequence[TrainItem]) -> dict[str, dict[str, int]]:
+        """Items too long for ``max_length``, per kind: skipped (the prompt alone is too long) and
+        truncated (the target is cut). Measured from text and image sizes; nothing is encoded."""
+        from r3v.collate import ItemDataset
+
+        processor = self.processor(self.start_point(k)[0])
+        return ItemDataset(processor, items, self.examples_by_id, self.train_config.max_length, cache_bytes=0).over_length
+
+    def processor(self, model: str) -> Any:
+        if model not in self._processors:
+            from r3v.models.loading import load_processor, resolve_model, set_pixel_cap
+
+            processor = load_processor(resolve_model(model), self.config.trust_remote_code)
+            if self.train_config.max_pixels is not None:
+                set_pixel_cap(processor, self.train_config.max_pixels)
+            self._processors[model] = processor
+        return self._processors[model]
 
     def train_phase(self, k: int, items: list[TrainItem]) -> tuple[ModelRef, dict[str, Any] | None]:
         """Train iteration k's model (or reuse it); iter{k}/model.json marks it done."""
@@ -347,16 +414,22 @@ class Loop:
         if k == 0 and self.config.skip_warmup_train:
             ref, summary = ModelRef(self.config.model), None
         else:
-            from r3v.train import train
+            from r3v.train import launch_job, run_job, wait_for_job
 
-            base, init_adapter = self.start_point(k)
+            job_path = self.write_train_job(k)
             self.release()  # the trainer needs the memory the generation model holds
-            out = self.iter_dir(k) / "model"
-            with self.clock(k, "training"):
-                result = train(
-                    base, items, self.examples_by_id, replace(self.train_config, seed=derive_seed(self.config.seed, "train", k)),
-                    out, resume=True, init_adapter=init_adapter,
-                )
+            separate = self.trains_separately()
+            with self.phase(k, "training") as measured:
+                if self.config.training_process == "external":
+                    result = wait_for_job(job_path, echo=self.log)
+                elif separate:
+                    self.log(f"  training in a process of its own ({self.config.num_processes} process(es)); "
+                             f"log: {self.iter_dir(k) / 'model' / 'train_process.log'}")
+                    result = launch_job(job_path, self.config.num_processes, self.config.accelerate_config)
+                else:
+                    result = run_job(job_path, examples=self.examples_by_id)
+                measured["tokens"] = result.tokens
+                measured["child"] = result.resources if separate else None
             relative = str(Path(result.output_path).resolve().relative_to(self.run_dir.resolve()))
             if result.is_adapter:
                 ref = ModelRef(model=self.start_ref(k).model, adapter=relative,
@@ -368,6 +441,36 @@ class Loop:
             self.log(f"  trained {summary['steps']} steps in {summary['seconds']:.1f} s (losses: {losses})")
         atomic_write_json(marker, {"ref": asdict(ref), "train": summary})
         return ref, summary
+
+    def trains_separately(self) -> bool:
+        """Whether training runs in a process of its own (see ``LoopConfig.training_process``)."""
+        if self.config.training_process != "auto":
+            return self.config.training_process in ("separate", "external")
+        if self.config.num_processes > 1 or self.config.accelerate_config:
+            return True
+        import torch
+
+        return torch.cuda.is_available() and "cpu" not in str(self.config.backend_options.get("device", ""))
+
+    def write_train_job(self, k: int) -> Path:
+        """iter{k}/train_job.yaml: everything iteration k's training needs, runnable by hand with
+        ``python -m r3v.train --job`` (or under ``accelerate launch``)."""
+        from r3v.train import ExampleSource, TrainJob, job_reference
+
+        folder = self.iter_dir(k)
+        base, init_adapter = self.start_point(k)
+        config = self.config
+        job = TrainJob(
+            model=job_reference(base, folder), items="train_items.jsonl", out="model",
+            config=replace(self.train_config, seed=derive_seed(config.seed, "train", k)),
+            init_adapter=job_reference(init_adapter, folder),
+            examples=ExampleSource(task=config.task, split="train", data_dir=self.settings["data_dir"],
+                                   limit=config.train_limit, task_args=dict(config.task_args), skip_bad=config.skip_bad,
+                                   allow_outside_paths=config.allow_outside_paths),
+            resume=True, tracking_dir=f"../{TRACKING_DIR}" if self.train_config.report_to else None,
+            run_name=f"iter{k}",
+        )
+        return job.write(folder / "train_job.yaml")
 
     def start_ref(self, k: int) -> ModelRef:
         """The weights iteration k starts from: the base, or iteration k-1's model (--continue)."""
@@ -405,7 +508,7 @@ class Loop:
                 self._sample(k, "evaluation", self.backend(ref, k), self.test_examples, sampling, store, scoring=False)
             samples = [s for s in store.samples() if (s.example_id, s.sample_index) in expected]
             backend = self.backend(ref, k)
-            with self.clock(k, "evaluation"):
+            with self.phase(k, "evaluation"):
                 selection = evaluate_selection(
                     backend, self.task, self.test_examples, samples, ks=[n],
                     selector_names=EVAL_SELECTORS, seed=derive_seed(self.config.seed, "select", k),
@@ -423,19 +526,29 @@ class Loop:
                 store: SampleStore, iteration: int | None = None, scoring: bool = True) -> None:
         timed = TimedTask(self.task)
         label = f"iteration {k}: {'sampling train' if phase == 'sampling' else 'evaluating'}"
-        started = time.perf_counter()
+        tokens = prompt_tokens = 0
+
+        def on_chunk(done: int, total: int, new: list[Sample]) -> None:
+            nonlocal tokens, prompt_tokens
+            tokens += sum(s.completion_tokens for s in new)
+            prompt_tokens += sum(s.prompt_tokens for s in new if s.sample_index == 0)  # one prefill per question
+            self.progress(label, done, total)
+
+        meter = PhaseMeter()
         try:
-            sample_examples(
-                backend, timed, examples, sampling, store, chunk_size=self.config.chunk_size, iteration=iteration,
-                on_chunk=lambda done, total, _new: self.progress(label, done, total),
-            )
+            with meter:
+                sample_examples(
+                    backend, timed, examples, sampling, store, chunk_size=self.config.chunk_size, iteration=iteration,
+                    on_chunk=on_chunk, engine_batch=self.config.engine_batch,
+                )
         finally:
-            elapsed = time.perf_counter() - started
+            # answer scoring happens while sampling: its seconds are booked apart
+            scored = timed.seconds if scoring else 0.0
+            meter.seconds -= scored
+            self.add_time(k, phase, meter.seconds)
+            self.add_resources(k, phase, meter.record(tokens, prompt_tokens=prompt_tokens))
             if scoring:
-                self.add_time(k, phase, elapsed - timed.seconds)
-                self.add_time(k, "scoring", timed.seconds)
-            else:
-                self.add_time(k, phase, elapsed)
+                self.add_time(k, "scoring", scored)
 
     # ---------------------------------------------------------------- models
 
@@ -459,10 +572,13 @@ class Loop:
         from r3v.registry import backends
 
         self.release()
-        with self.clock(k, "loading"):
+        options = dict(self.config.backend_options)
+        if self.train_config.max_pixels is not None:  # sample at the resolution the model trains on
+            options.setdefault("max_pixels", self.train_config.max_pixels)
+        with self.phase(k, "loading"):
             self._backend = backends.get(self.config.backend)(
                 model=ref.model_path(self.run_dir), adapter=ref.adapter_path(self.run_dir),
-                trust_remote_code=self.config.trust_remote_code, **self.config.backend_options,
+                trust_remote_code=self.config.trust_remote_code, **options,
             )
         # Samples record the backend's model_id; the run-relative label keeps them free of this
         # machine's paths, so a run moved or resumed elsewhere writes the same files.
@@ -485,6 +601,7 @@ class Loop:
                 torch.cuda.empty_cache()
         except ImportError:
             pass
+        return_freed_memory()
 
     # ---------------------------------------------------------------- records
 
@@ -527,6 +644,7 @@ class Loop:
             "items": counts,
             "items_per_objective": objectives,
             "build": build["stats"],
+            "over_length": build.get("over_length", {}),
             "pool_samples": pool_size,
             "train_samples": summarize_samples(new_samples) if new_samples else None,
             "train_losses": trained["losses"] if trained else None,
@@ -538,12 +656,26 @@ class Loop:
     # ---------------------------------------------------------------- timing
 
     @contextmanager
-    def clock(self, k: int, phase: str) -> Iterator[None]:
-        started = time.perf_counter()
+    def phase(self, k: int, name: str) -> Iterator[dict[str, Any]]:
+        """Time and measure one phase of iteration k. The caller may set ``tokens`` (work done) and
+        ``child`` (peaks a process of its own reported) in the dict it gets."""
+        measured: dict[str, Any] = {"tokens": 0, "child": None}
+        meter = PhaseMeter()
         try:
-            yield
+            with meter:
+                yield measured
         finally:
-            self.add_time(k, phase, time.perf_counter() - started)
+            self.add_time(k, name, meter.seconds)
+            self.add_resources(k, name, meter.record(measured["tokens"], measured["child"]))
+
+    def add_resources(self, k: int, phase: str, record: dict[str, Any]) -> None:
+        """Fold a phase's measurement into RUN_DIR/resources.json (seconds, tokens, peak memory)."""
+        path = self.run_dir / "resources.json"
+        data = json.loads(path.read_text()) if path.exists() else {"iterations": {}}
+        phases = data["iterations"].setdefault(str(k), {})
+        phases[phase] = merge(phases.get(phase, {}), record)
+        data["device"] = _device_label()
+        atomic_write_json(path, data)
 
     def timing(self, k: int) -> dict[str, float]:
         path = self.iter_dir(k) / "timing.json"
@@ -580,16 +712,33 @@ def train_summary(result: Any) -> dict[str, Any]:
         "tokens": result.tokens,
         "seconds": result.seconds,
         "items_per_objective": dict(getattr(result, "items_per_objective", {}) or {}),
+        "over_length": dict(getattr(result, "over_length", {}) or {}),
+        "batch": dict(getattr(result, "batch", {}) or {}),
         "is_adapter": result.is_adapter,
     }
 
 
-def check_run_dir(run_dir: Path, settings: dict[str, Any]) -> None:
-    """Write run.json for a new run; for an existing one, refuse settings that differ."""
+def _device_label() -> str:
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        return f"cuda: {torch.cuda.get_device_name(0)} x {torch.cuda.device_count()}"
+    return "cpu"
+
+
+def check_run_dir(run_dir: Path, settings: dict[str, Any], execution: dict[str, Any] | None = None) -> None:
+    """Write run.json for a new run; for an existing one, refuse settings that differ.
+
+    ``execution`` records how the run is executed (backend engine options, training processes):
+    it may change between a run and its continuation, so it is written (as of the latest start) but
+    never compared.
+    """
     normalized = json.loads(json.dumps(settings, default=str))
     manifest = run_dir / "run.json"
     if manifest.exists():
-        stored = json.loads(manifest.read_text()).get("settings", {})
+        record = json.loads(manifest.read_text())
+        stored = record.get("settings", {})
         if stored != normalized:
             before, after = _flatten(stored), _flatten(normalized)
             diffs = [f"{key}: {before.get(key)!r} -> {after.get(key)!r}"
@@ -599,11 +748,16 @@ def check_run_dir(run_dir: Path, settings: dict[str, Any]) -> None:
                 "Rerun with the same settings to continue it, or choose another --out.",
                 path=run_dir,
             )
+        if execution is not None and record.get("execution") != execution:
+            atomic_write_json(manifest, {**record, "execution": json.loads(json.dumps(execution, default=str))})
         return
     if run_dir.exists() and any(run_dir.iterdir()):
         raise DataError(f"{run_dir} is not empty and is not an r3v train run (no run.json); choose another --out",
                         path=run_dir)
-    atomic_write_json(manifest, run_manifest(normalized))
+    record = run_manifest(normalized)
+    if execution is not None:
+        record["execution"] = json.loads(json.dumps(execution, default=str))
+    atomic_write_json(manifest, record)
 
 
 def _flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -618,18 +772,9 @@ def _flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def build_task(config: LoopConfig) -> Any:
     """The configured task; ``skip_bad`` / ``allow_outside_paths`` go to tasks whose constructor takes them."""
-    import inspect
+    from r3v.tasks.base import build_task as build
 
-    from r3v.registry import tasks
-
-    factory = tasks.get(config.task)
-    accepted = inspect.signature(factory).parameters
-    unknown = sorted(set(config.task_args) - set(accepted))
-    if unknown:
-        raise ValueError(f"task {config.task!r} takes no option {', '.join(unknown)}")
-    options = {"skip_bad": config.skip_bad, "allow_outside_paths": config.allow_outside_paths}
-    kwargs = {key: value for key, value in options.items() if key in accepted}
-    return factory(**{**kwargs, **config.task_args})
+    return build(config.task, config.task_args, skip_bad=config.skip_bad, allow_outside_paths=config.allow_outside_paths)
 
 
 def run_loop(config: LoopConfig, out_dir: str | Path, log: Callable[[str], None] = print,

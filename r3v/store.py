@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from r3v.backends.base import Backend, Request, Sampling
+from r3v.backends.base import Backend, Request, Sampling, generate_groups
 from r3v.errors import DataError
 from r3v.io import append_jsonl, atomic_write_json, iter_jsonl, repair_jsonl_tail
 from r3v.manifest import run_manifest
@@ -111,42 +111,65 @@ def sample_examples(
     on_chunk: Callable[[int, int, list[Sample]], None] | None = None,
     skip_bad: bool = False,
     bad: list[str] | None = None,
+    engine_batch: int | None = None,
 ) -> list[Sample]:
     """Sample ``sampling.n`` completions per example into ``store``; return all stored samples.
 
-    Only chunks with missing samples are generated. ``on_chunk(done_examples, total, new)`` reports
-    progress after each chunk. An example whose images cannot be read raises a DataError naming
-    the file and the record; with ``skip_bad`` it is skipped instead and its error appended to ``bad``.
+    Only chunks with missing samples are generated. Each chunk (``chunk_size`` questions) has its
+    own seed and is appended in one write: it is the unit of resume. Up to ``engine_batch``
+    questions' worth of chunks (default: the backend's ``preferred_engine_batch``, else one chunk)
+    go to the backend in one call (``generate_groups``), so an engine such as vLLM gets hundreds of
+    prompts at once; a kill loses at most that one call's chunks.
+    ``on_chunk(done_examples, total, new)`` reports progress after each chunk. An example whose
+    images cannot be read raises a DataError naming the file and the record; with ``skip_bad`` it
+    is skipped instead and its error appended to ``bad``.
     """
     prompt = prompt or task.cot_prompt
     done = store.done()
     chunks = [examples[i : i + chunk_size] for i in range(0, len(examples), chunk_size)]
+    # a backend that serves large batches well (vLLM) says how many questions it wants per call
+    per_call = max(engine_batch or getattr(backend, "preferred_engine_batch", None) or chunk_size, 1)
     finished = 0
-    for chunk_index, chunk in enumerate(chunks):
-        wanted = [(ex, k) for ex in chunk for k in range(sampling.n) if (ex.id, k) not in done]
-        new: list[Sample] = []
-        if wanted:
-            readable, requests = [], []
-            for ex in chunk:
-                try:
-                    requests.append(Request.user(prompt(ex), ex.load_images()))
-                    readable.append(ex)
-                except DataError as exc:
-                    if not skip_bad:
-                        raise
-                    if bad is not None:
-                        bad.append(str(exc))
-            chunk_sampling = Sampling(**{**sampling.to_dict(), "seed": chunk_seed(sampling.seed, chunk_index)})
-            outputs = backend.generate(requests, chunk_sampling) if requests else []
-            by_id = {ex.id: (ex, completions) for ex, completions in zip(readable, outputs, strict=True)}
-            for ex, k in wanted:
-                if ex.id in by_id:
-                    completion = by_id[ex.id][1][k]
-                    new.append(score_completion(task, ex, k, completion, backend.model_id, chunk_sampling, iteration))
+    pending: list[tuple[int, list[Example], list[Request], Sampling]] = []  # chunks waiting for one call
+
+    def flush() -> None:
+        nonlocal finished
+        outputs = generate_groups(backend, [(requests, chunk_sampling) for _, _, requests, chunk_sampling in pending])
+        for (chunk_index, readable, _, chunk_sampling), chunk_outputs in zip(pending, outputs, strict=True):
+            chunk = chunks[chunk_index]
+            by_id = {ex.id: completions for ex, completions in zip(readable, chunk_outputs, strict=True)}
+            new = [
+                score_completion(task, ex, k, by_id[ex.id][k], backend.model_id, chunk_sampling, iteration)
+                for ex in chunk for k in range(sampling.n) if (ex.id, k) not in done and ex.id in by_id
+            ]
             store.append(new)
-        finished += len(chunk)
-        if on_chunk:
-            on_chunk(finished, len(examples), new)
+            finished += len(chunk)
+            if on_chunk:
+                on_chunk(finished, len(examples), new)
+        pending.clear()
+
+    for chunk_index, chunk in enumerate(chunks):
+        if all((ex.id, k) in done for ex in chunk for k in range(sampling.n)):
+            finished += len(chunk)
+            if on_chunk:
+                on_chunk(finished, len(examples), [])
+            continue
+        readable, requests = [], []
+        for ex in chunk:
+            try:
+                requests.append(Request.user(prompt(ex), ex.load_images()))
+                readable.append(ex)
+            except DataError as exc:
+                if not skip_bad:
+                    raise
+                if bad is not None:
+                    bad.append(str(exc))
+        chunk_sampling = Sampling(**{**sampling.to_dict(), "seed": chunk_seed(sampling.seed, chunk_index)})
+        pending.append((chunk_index, readable, requests, chunk_sampling))
+        if sum(len(p[2]) for p in pending) >= per_call:
+            flush()
+    if pending:
+        flush()
     return store.samples()
 
 

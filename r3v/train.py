@@ -20,14 +20,18 @@ training with ``NonFiniteLossError`` before the bad update, so the checkpoints o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 import time
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
-from r3v.collate import OBJECTIVES, CompletionCollator, ItemDataset, LengthGroupedSampler, tokenizer_of
+from r3v.collate import OBJECTIVES, PADDING_KEY, CompletionCollator, ItemDataset, StepSampler, tokenizer_of
 from r3v.errors import DataError
 from r3v.io import append_jsonl, atomic_write_json, atomic_write_text, iter_jsonl, repair_jsonl_tail
 from r3v.models import shared_images
@@ -61,6 +65,8 @@ REFERENCE_LORA = {
     "llava": (128, 256, None),
     "qwen2-vl": (8, 16, None),
 }
+#: Image pixel cap per family: the Qwen2-VL reference (GeoQA) trained on images of at most 768x768.
+REFERENCE_MAX_PIXELS = {"qwen2-vl": 768 * 768}
 FAMILY_ALIASES = {
     "qwen-vl-chat": "qwen-vl", "qwen": "qwen-vl", "llava-1.5": "llava", "llava1.5": "llava",
     "qwen2_vl": "qwen2-vl", "qwen2.5-vl": "qwen2-vl", "qwen2_5_vl": "qwen2-vl",
@@ -68,7 +74,11 @@ FAMILY_ALIASES = {
 
 # Fields that may change between a run and its resumption: they do not change what the
 # checkpoints on disk mean (more epochs continue the same run).
-RESUMABLE_FIELDS = {"epochs", "logging_steps", "save_total_limit", "num_workers", "encode_cache_mb", "encoder_cache_mb"}
+RESUMABLE_FIELDS = {"epochs", "logging_steps", "save_total_limit", "dataloader_workers", "encode_cache_mb",
+                    "encoder_cache_mb", "report_to", "auto_batch_size"}
+
+#: Models with more parameters than this train with gradient checkpointing unless told otherwise.
+CHECKPOINTING_ABOVE = 1_000_000_000
 
 
 class NonFiniteLossError(RuntimeError):
@@ -114,12 +124,14 @@ class TrainConfig:
     """AdamW decoupled weight decay."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm; 0 turns clipping off."""
-    batch_size: int = 8
-    """Items per device per micro-batch."""
+    batch_size: int = 2
+    """Most items per device per micro-batch (with ``global_batch`` set, fewer when the global batch
+    needs it); R3V's reference codes trained 2 per device."""
     grad_accum: int = 8
-    """Micro-batches per optimizer step (ignored when ``global_batch`` is set)."""
-    global_batch: int | None = None
-    """Items per optimizer step over all devices; sets grad_accum = global_batch / (batch_size * devices)."""
+    """Micro-batches per optimizer step; used only when ``global_batch`` is None."""
+    global_batch: int | None = 64
+    """Items per optimizer step over all devices. Per-device batch and accumulation follow from it for
+    any number of devices, and so does the data order: each step trains on the same items."""
     max_length: int = 2048
     """Longest item in tokens (image tokens included); longer targets are cut, longer prompts skipped."""
     loss_weights: dict[str, float] = field(default_factory=lambda: {name: 1.0 for name in OBJECTIVES})
@@ -136,10 +148,19 @@ class TrainConfig:
     """In full fine-tuning, keep the vision encoder frozen (its projector/merger still trains)."""
     freeze_projector: bool = False
     """In full fine-tuning, also keep the projector/merger frozen (the whole image path fixed)."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in backward: less memory, about 30% slower."""
-    num_workers: int = 0
-    """DataLoader worker processes."""
+    gradient_checkpointing: bool | None = None
+    """Recompute activations in backward: less memory, about 30% slower. None: on for models with
+    more than 1B parameters."""
+    max_pixels: int | None = None
+    """Pixel cap per image for the processor (training and sampling); None keeps the processor's own.
+    Qwen2-VL's processor allows about 12.8M pixels (16k visual tokens) by default."""
+    auto_batch_size: bool = False
+    """On an out-of-memory error, halve the per-device batch (doubling accumulation, so the global
+    batch stays) and retry, with accelerate's ``find_executable_batch_size``."""
+    dataloader_workers: int = 0
+    """DataLoader worker processes that load and encode the images (0: in the training process)."""
+    report_to: tuple[str, ...] = ()
+    """Trackers the Trainer logs to (tensorboard, wandb, ...; any name transformers' report_to knows)."""
     save_total_limit: int | None = 1
     """Checkpoints kept in out_dir/checkpoints (the newest); None keeps all."""
     encode_cache_mb: int = 1024
@@ -166,13 +187,18 @@ class TrainConfig:
             "learning_rate": self.learning_rate >= 0,
             "global_batch": self.global_batch is None or self.global_batch >= 1,
             "logging_steps": self.logging_steps >= 1,
+            "max_pixels": self.max_pixels is None or self.max_pixels >= 28 * 28,
+            "dataloader_workers": self.dataloader_workers >= 0,
         }
+        self.report_to = _tracker_names(self.report_to)
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"invalid TrainConfig value(s): {', '.join(f'{n}={getattr(self, n)!r}' for n in bad)}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        data["report_to"] = list(self.report_to)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
@@ -180,6 +206,9 @@ class TrainConfig:
         unknown = set(data) - names
         if unknown:
             raise ValueError(f"unknown TrainConfig field(s): {', '.join(sorted(unknown))}")
+        data = dict(data)
+        if "report_to" in data:
+            data["report_to"] = _tracker_names(data["report_to"])
         return cls(**data)
 
     @classmethod
@@ -193,10 +222,11 @@ class TrainConfig:
         if family not in REFERENCE_LORA:
             raise ValueError(f"unknown model family {model_family!r}; known: {', '.join(REFERENCE_LORA)}")
         r, alpha, target = REFERENCE_LORA[family]
+        # 2 items per device as both reference codes; the global batch of 64 fixes the accumulation
         config = cls(
             lora=True, lora_r=r, lora_alpha=alpha, epochs=3, learning_rate=3e-5, warmup_ratio=0.05,
-            lr_scheduler="constant_with_warmup", adam_beta1=0.9, adam_beta2=0.98, batch_size=8, grad_accum=8,
-            global_batch=64, max_length=2048,
+            lr_scheduler="constant_with_warmup", adam_beta1=0.9, adam_beta2=0.98, batch_size=2,
+            global_batch=64, max_length=2048, max_pixels=REFERENCE_MAX_PIXELS.get(family),
         )
         if target is not None:
             config.lora_target = target
@@ -209,7 +239,7 @@ class TrainConfig:
         language model, the tiny encoder collapses to image-independent features (measured)."""
         return cls(
             lora=False, freeze_vision_tower=True, freeze_projector=True, learning_rate=1e-3, warmup_ratio=0.05, epochs=2,
-            batch_size=16, grad_accum=1, max_length=1024, logging_steps=5,
+            batch_size=16, global_batch=16, max_length=1024, logging_steps=5,
         )
 
     @classmethod
@@ -262,10 +292,18 @@ class TrainResult:
     """Items dropped because their prompt alone exceeds max_length."""
     truncated_items: int = 0
     """Items whose target was cut to fit max_length."""
+    over_length: dict[str, dict[str, int]] = field(default_factory=dict)
+    """The items above, per kind: ``{"skipped": {kind: n}, "truncated": {kind: n}}``."""
     resumed_from: str | None = None
     """The checkpoint this call resumed from, if any."""
     encoder_cache: dict[str, float] | None = None
     """With a frozen vision encoder: image sets encoded and reused from the cache in this call, and MiB held."""
+    batch: dict[str, Any] = field(default_factory=dict)
+    """How a step was laid out: processes, per-device batch, accumulation, items per step, and
+    gradient checkpointing (after any ``auto_batch_size`` back-off)."""
+    resources: dict[str, Any] = field(default_factory=dict)
+    """This call's peak memory (rank 0): ``peak_rss_mib``, and ``cuda_max_allocated_mib`` /
+    ``cuda_max_reserved_mib`` on a GPU; and ``seconds_to_first_step``."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -305,7 +343,7 @@ class ObjectiveTrainer(Trainer):
 
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args, loss_weights: dict[str, float], sampler: LengthGroupedSampler,
+    def __init__(self, *args, loss_weights: dict[str, float], sampler: StepSampler,
                  log_path: Path | None, history: list[dict[str, Any]], encoder_cache_mb: int = 0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         # Sharing calls the encoder outside the wrapped forward, which ZeRO-3 / FSDP sharding does not allow.
@@ -345,7 +383,10 @@ class ObjectiveTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         objective = inputs.pop("objective")
         labels = inputs.pop("labels")
-        tokens = inputs["attention_mask"].sum()
+        padding = inputs.pop(PADDING_KEY, None)
+        mask = inputs["attention_mask"]
+        # the label-free copies that fill an epoch's last step are not tokens trained on
+        tokens = (mask if padding is None else mask[~padding]).sum()
         outputs = shared_images.forward(
             model, inputs, encoder_model=self.accelerator.unwrap_model(model), cache=self.encoder_cache
         )
@@ -465,101 +506,243 @@ def train(
     too; other changes raise). ``resume=False`` discards what the trainer wrote in ``out_dir``.
     ``init_adapter`` starts from an existing LoRA adapter (merged first for full fine-tuning).
     Every process of an ``accelerate launch`` calls this; rank 0 writes the files.
+
+    When it returns, nothing it built is referenced any more (model, optimizer, Trainer) and the
+    CUDA cache is emptied, so a generation engine started next finds the memory free.
     """
     from accelerate import PartialState
 
+    started_call = time.perf_counter()
     out = Path(out_dir)
     items = list(items)
     if not items:
         raise DataError("no training items given")
     resume_key, run_key = _fingerprints(model, items, config, init_adapter)
-    # DDP must look for unused parameters only when a trainable vision part can sit idle: full
-    # fine-tuning with text-only items in the mix (the search costs a graph traversal per step).
-    idle_vision = not config.lora and _has_text_only_items(items, examples)
-    args = _training_args(config, out, find_unused_parameters=idle_vision)  # sets up the distributed state
-    state = PartialState()
+    state = PartialState()  # joins the process group an ``accelerate launch`` set up
     done = _read_json(out / DONE_FILE)
     if resume and done and done.get("run_key") == run_key and Path(done["result"]["output_path"]).exists():
         log.info("training in %s already finished; returning its result", out)
         return TrainResult.from_dict(done["result"])
     if resume:
         _check_resumable(out, resume_key)
-    state.wait_for_everyone()
-    if state.is_main_process:
-        _prepare_out_dir(out, resume, resume_key, model, init_adapter, config, items, args)
-    state.wait_for_everyone()
-
-    checkpoint = _last_complete_checkpoint(out / CHECKPOINT_DIR) if resume else None
-    history = _read_history(out / LOG_FILE, checkpoint)
-    if state.is_main_process:
-        _rewrite_log(out / LOG_FILE, history)
-    state.wait_for_everyone()
-
-    from transformers import set_seed
-
-    from r3v.models.loading import load_model
-
-    set_seed(config.seed)
-    loaded = load_model(model, device="cpu", dtype=_load_dtype(config, args), trust_remote_code=config.trust_remote_code)
-    network = prepare_model(loaded.model, config, init_adapter)
-    dataset = ItemDataset(loaded.processor, items, examples, config.max_length, config.encode_cache_mb << 20)
-    if len(dataset) == 0:
-        raise DataError(f"none of the {len(items)} items fits max_length={config.max_length}")
-    tokenizer = tokenizer_of(loaded.processor)
-    trainer = ObjectiveTrainer(
-        model=network,
-        args=args,
-        train_dataset=dataset,
-        data_collator=CompletionCollator(tokenizer.pad_token_id),
-        processing_class=loaded.processor,
-        callbacks=list(callbacks or []),
-        loss_weights=config.loss_weights,
-        sampler=LengthGroupedSampler(dataset.lengths, config.batch_size, config.seed, config.group_by_length),
-        log_path=out / LOG_FILE if state.is_main_process else None,
-        history=history,
-        encoder_cache_mb=config.encoder_cache_mb,
-    )
-    started = time.perf_counter()
     try:
-        trainer.train(resume_from_checkpoint=checkpoint)
-    except NonFiniteLossError as exc:
-        exc.last_checkpoint = _last_complete_checkpoint(out / CHECKPOINT_DIR)
+        # everything that holds the model lives in _fit's frame, gone when it returns
+        result = _fit(model, items, examples, config, out, resume, init_adapter, callbacks, state, resume_key,
+                      started_call)
+    except BaseException as exc:
+        traceback.clear_frames(exc.__traceback__)  # a traceback must not keep the model alive either
         raise
-    seconds = time.perf_counter() - started
-    cache = trainer.encoder_cache
-    cache_stats = cache.stats() if cache is not None else None
-    if cache_stats:
-        log.info("vision encoder: %(encoded)d image set(s) encoded, %(reused)d reused from the cache "
-                 "(%(mib).1f MiB held)", cache_stats)
-
-    output_path = _save_final(trainer, out, config.lora, state)
-    result = TrainResult(
-        output_path=str(output_path),
-        is_adapter=config.lora,
-        losses=_mean_losses(trainer.history),
-        steps=int(trainer.state.global_step),
-        tokens=sum(r["tokens"] for r in trainer.history),
-        seconds=round(seconds, 3),
-        items_per_objective=dataset.items_per_objective(),
-        model=model,
-        target_tokens=sum(r["target_tokens"] for r in trainer.history),
-        skipped_items=len(dataset.skipped),
-        truncated_items=len(dataset.truncated),
-        resumed_from=checkpoint,
-        encoder_cache=cache_stats,
-    )
+    finally:
+        _empty_caches()
     if state.is_main_process:
         atomic_write_json(out / DONE_FILE, {"run_key": run_key, "result": result.to_dict()})
     state.wait_for_everyone()
     return result
 
 
-def _training_args(config: TrainConfig, out: Path, find_unused_parameters: bool = False) -> TrainingArguments:
+def _fit(model: str, items: list[TrainItem], examples: dict[str, Example], config: TrainConfig, out: Path,
+         resume: bool, init_adapter: str | None, callbacks: Sequence[TrainerCallback] | None, state: Any,
+         resume_key: str, started_call: float) -> TrainResult:
+    """Load, prepare, train and save; the part of ``train`` that holds the model."""
+    from transformers import set_seed
+
+    from r3v.models.loading import load_model, set_pixel_cap
+
+    set_seed(config.seed)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     bf16 = config.bf16 if config.bf16 is not None else bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-    args = TrainingArguments(
+    # LoRA keeps the frozen base in bf16; full fine-tuning keeps fp32 master weights under bf16 autocast.
+    dtype = "bfloat16" if bf16 and config.lora else "float32"
+    loaded = load_model(model, device="cpu", dtype=dtype, trust_remote_code=config.trust_remote_code)
+    if config.max_pixels is not None:
+        set_pixel_cap(loaded.processor, config.max_pixels)
+    checkpointing = config.gradient_checkpointing
+    if checkpointing is None:
+        checkpointing = sum(p.numel() for p in loaded.model.parameters()) > CHECKPOINTING_ABOVE
+    # DDP must look for unused parameters only when a trainable vision part can sit idle: full
+    # fine-tuning with text-only items in the mix (the search costs a graph traversal per step).
+    idle_vision = not config.lora and _has_text_only_items(items, examples)
+    args = _training_args(config, out, bf16, checkpointing, find_unused_parameters=idle_vision)
+    per_device, accumulation, step_items = plan_batch(config, args.world_size)
+
+    state.wait_for_everyone()
+    if state.is_main_process:
+        _prepare_out_dir(out, resume, resume_key, model, init_adapter, config, items,
+                         {"processes": args.world_size, "per_device": per_device, "accumulation": accumulation,
+                          "step_items": step_items, "gradient_checkpointing": checkpointing})
+    state.wait_for_everyone()
+    checkpoint = _last_complete_checkpoint(out / CHECKPOINT_DIR) if resume else None
+    history = _read_history(out / LOG_FILE, checkpoint)
+    if state.is_main_process:
+        _rewrite_log(out / LOG_FILE, history)
+    state.wait_for_everyone()
+
+    network = prepare_model(loaded.model, config, init_adapter)
+    dataset = ItemDataset(loaded.processor, items, examples, config.max_length, config.encode_cache_mb << 20)
+    if len(dataset) == 0:
+        raise DataError(f"none of the {len(items)} items fits max_length={config.max_length}")
+    tokenizer = tokenizer_of(loaded.processor)
+    first_step = _FirstStep()
+    trainer: ObjectiveTrainer | None = None
+
+    def attempt(batch_size: int) -> ObjectiveTrainer:
+        nonlocal trainer, checkpoint
+        if trainer is not None:  # an out-of-memory error: resume where the failed attempt last saved
+            _release(trainer)
+            network.zero_grad(set_to_none=True)
+            _empty_caches()
+            checkpoint = _last_complete_checkpoint(out / CHECKPOINT_DIR)
+            history[:] = _read_history(out / LOG_FILE, checkpoint)
+            if state.is_main_process:
+                _rewrite_log(out / LOG_FILE, history)
+            state.wait_for_everyone()
+            log.warning("out of memory: retrying with %d item(s) per device", batch_size)
+        args.per_device_train_batch_size = batch_size
+        args.gradient_accumulation_steps = step_items // (batch_size * args.world_size)
+        trainer = ObjectiveTrainer(
+            model=network,
+            args=args,
+            train_dataset=dataset,
+            data_collator=CompletionCollator(tokenizer.pad_token_id),
+            processing_class=loaded.processor,
+            callbacks=[first_step, *(callbacks or [])],
+            loss_weights=config.loss_weights,
+            sampler=StepSampler(dataset.lengths, step_items, config.seed, config.group_by_length,
+                                pad_multiple=batch_size * args.world_size if args.world_size > 1 else 1),
+            log_path=out / LOG_FILE if state.is_main_process else None,
+            history=history,
+            encoder_cache_mb=config.encoder_cache_mb,
+        )
+        trainer.train(resume_from_checkpoint=checkpoint)
+        return trainer
+
+    started = time.perf_counter()
+    try:
+        if config.auto_batch_size:
+            from accelerate.utils import find_executable_batch_size
+
+            smaller = _smaller_batches(per_device, step_items // args.world_size)
+            attempt = find_executable_batch_size(attempt, per_device, reduce_batch_size_fn=lambda: next(smaller))
+            trainer = attempt()
+        else:
+            trainer = attempt(per_device)
+        seconds = time.perf_counter() - started
+        cache = trainer.encoder_cache
+        cache_stats = cache.stats() if cache is not None else None
+        if cache_stats:
+            log.info("vision encoder: %(encoded)d image set(s) encoded, %(reused)d reused from the cache "
+                     "(%(mib).1f MiB held)", cache_stats)
+        output_path = _save_final(trainer, out, config.lora, state)
+        result = TrainResult(
+            output_path=str(output_path),
+            is_adapter=config.lora,
+            losses=_mean_losses(trainer.history),
+            steps=int(trainer.state.global_step),
+            tokens=sum(r["tokens"] for r in trainer.history),
+            seconds=round(seconds, 3),
+            items_per_objective=dataset.items_per_objective(),
+            model=model,
+            target_tokens=sum(r["target_tokens"] for r in trainer.history),
+            skipped_items=len(dataset.skipped),
+            truncated_items=len(dataset.truncated),
+            over_length=dataset.over_length,
+            resumed_from=checkpoint,
+            encoder_cache=cache_stats,
+            batch={
+                "processes": args.world_size, "per_device": args.per_device_train_batch_size,
+                "accumulation": args.gradient_accumulation_steps, "step_items": step_items,
+                "gradient_checkpointing": checkpointing,
+            },
+            resources=_peak_memory(first_step.seconds_after(started_call)),
+        )
+    except NonFiniteLossError as exc:
+        exc.last_checkpoint = _last_complete_checkpoint(out / CHECKPOINT_DIR)
+        raise
+    finally:
+        if trainer is not None:
+            _release(trainer)
+    return result
+
+
+def plan_batch(config: TrainConfig, world_size: int) -> tuple[int, int, int]:
+    """(per-device batch, accumulation steps, items per optimizer step) for ``world_size`` processes.
+
+    With ``global_batch`` set the step always holds that many items; each process takes
+    ``global_batch / world_size`` of them in micro-batches of at most ``batch_size``.
+    """
+    if config.global_batch is None:
+        return config.batch_size, config.grad_accum, config.batch_size * config.grad_accum * world_size
+    if config.global_batch % world_size:
+        raise ValueError(f"global_batch={config.global_batch} is not a multiple of the {world_size} training processes")
+    per_rank = config.global_batch // world_size
+    per_device = max(d for d in range(1, min(config.batch_size, per_rank) + 1) if per_rank % d == 0)
+    return per_device, per_rank // per_device, config.global_batch
+
+
+def _smaller_batches(per_device: int, per_rank: int):
+    """Per-device batches to fall back to after an out-of-memory error: at most half the last one,
+    and a divisor of the items each process takes per step, so the global batch stays."""
+    current = per_device
+    while current > 1:
+        current = max(d for d in range(1, current // 2 + 1) if per_rank % d == 0)
+        yield current
+    yield 0  # find_executable_batch_size stops with "no executable batch size found"
+
+
+class _FirstStep(TrainerCallback):
+    """Records when the first optimizer step begins (start-up cost of a training call)."""
+
+    def __init__(self) -> None:
+        self.at: float | None = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.at is None:
+            self.at = time.perf_counter()
+
+    def seconds_after(self, start: float) -> float | None:
+        return None if self.at is None else round(self.at - start, 3)
+
+
+def _peak_memory(seconds_to_first_step: float | None) -> dict[str, Any]:
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_mib = peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+    out: dict[str, Any] = {"peak_rss_mib": round(peak_mib, 1), "seconds_to_first_step": seconds_to_first_step}
+    if torch.cuda.is_available():
+        out["cuda_max_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        out["cuda_max_reserved_mib"] = round(torch.cuda.max_memory_reserved() / 2**20, 1)
+    return out
+
+
+def _release(trainer: ObjectiveTrainer) -> None:
+    """Drop every reference a Trainer keeps to the model, optimizer and data (the step callback
+    holds the Trainer itself), so nothing survives once the caller's names go."""
+    trainer.accelerator.free_memory()
+    trainer.callback_handler.callbacks.clear()
+    for name in ("model", "model_wrapped", "optimizer", "lr_scheduler", "train_dataset", "encoder_cache", "r3v_sampler"):
+        if hasattr(trainer, name):
+            setattr(trainer, name, None)
+
+
+def _empty_caches() -> None:
+    from r3v.meter import return_freed_memory
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return_freed_memory()
+
+
+def _training_args(config: TrainConfig, out: Path, bf16: bool, checkpointing: bool,
+                   find_unused_parameters: bool = False) -> TrainingArguments:
+    """The Trainer's arguments; the batch layout is set per attempt by ``train``."""
+    return TrainingArguments(
         output_dir=str(out / CHECKPOINT_DIR),
         per_device_train_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.grad_accum,
+        gradient_accumulation_steps=1,
         num_train_epochs=config.epochs,
         learning_rate=config.learning_rate,
         lr_scheduler_type=config.lr_scheduler,
@@ -574,23 +757,15 @@ def _training_args(config: TrainConfig, out: Path, find_unused_parameters: bool 
         seed=config.seed,
         data_seed=config.seed,
         bf16=bf16,
-        **_checkpointing_kwargs(config.gradient_checkpointing),
-        dataloader_num_workers=config.num_workers,
+        **_checkpointing_kwargs(checkpointing),
+        dataloader_num_workers=config.dataloader_workers,
+        dataloader_persistent_workers=config.dataloader_workers > 0,
         dataloader_pin_memory=torch.cuda.is_available(),
         ddp_find_unused_parameters=find_unused_parameters,
         remove_unused_columns=False,
-        report_to="none",
+        report_to=list(config.report_to) or "none",
         disable_tqdm=True,
     )
-    if config.global_batch is not None:
-        per_step = config.batch_size * args.world_size
-        if config.global_batch % per_step:
-            raise ValueError(
-                f"global_batch={config.global_batch} is not a multiple of batch_size={config.batch_size} "
-                f"x {args.world_size} process(es)"
-            )
-        args.gradient_accumulation_steps = config.global_batch // per_step
-    return args
 
 
 def _has_text_only_items(items: list[TrainItem], examples: dict[str, Example]) -> bool:
@@ -612,11 +787,6 @@ def _checkpointing_kwargs(enabled: bool) -> dict[str, Any]:
     # transformers 5.2x renamed gradient_checkpointing to activation_checkpointing
     name = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ else "gradient_checkpointing"
     return {name: True, f"{name}_kwargs": {"use_reentrant": False}}
-
-
-def _load_dtype(config: TrainConfig, args: TrainingArguments) -> str:
-    # LoRA keeps the frozen base in bf16; full fine-tuning keeps fp32 master weights under bf16 autocast.
-    return "bfloat16" if args.bf16 and config.lora else "float32"
 
 
 def prepare_model(model, config: TrainConfig, init_adapter: str | None = None):
@@ -677,7 +847,7 @@ def _check_resumable(out: Path, resume_key: str) -> None:
 
 
 def _prepare_out_dir(out: Path, resume: bool, resume_key: str, model: str, init_adapter: str | None,
-                     config: TrainConfig, items: list[TrainItem], args: TrainingArguments) -> None:
+                     config: TrainConfig, items: list[TrainItem], batch: dict[str, Any]) -> None:
     from r3v.manifest import run_manifest
 
     out.mkdir(parents=True, exist_ok=True)
@@ -699,8 +869,7 @@ def _prepare_out_dir(out: Path, resume: bool, resume_key: str, model: str, init_
         counts[item.objective] = counts.get(item.objective, 0) + 1
     atomic_write_json(out / MANIFEST_FILE, run_manifest({
         "model": model, "init_adapter": init_adapter, "config": config.to_dict(), "items": len(items),
-        "items_per_kind_objective": counts, "resume_key": resume_key, "world_size": args.world_size,
-        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "items_per_kind_objective": counts, "resume_key": resume_key, "batch": batch,
     }))
 
 
@@ -756,6 +925,13 @@ def _save_final(trainer: ObjectiveTrainer, out: Path, is_adapter: bool, state) -
     return final
 
 
+def _tracker_names(value: Any) -> tuple[str, ...]:
+    """``report_to`` as a tuple of names: from a list, or a comma-separated string; "none" is empty."""
+    names = value.split(",") if isinstance(value, str) else list(value or ())
+    names = [str(n).strip() for n in names if str(n).strip()]
+    return () if names in (["none"], []) else tuple(names)
+
+
 def _parse_setting(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ValueError(f"--set takes key=value, got {text!r}")
@@ -767,17 +943,272 @@ def _parse_setting(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Train on a JSONL file of TrainItems: ``python -m r3v.train`` (works under ``accelerate launch``)."""
-    import click
+# ---------------------------------------------------------------- training jobs
 
+JOB_FILE = "train_job.yaml"
+ERROR_FILE = "r3v_train_error.json"
+
+
+@dataclass
+class ExampleSource:
+    """The task split whose examples supply a job's images (items without their own image paths)."""
+
+    task: str
+    split: str = "train"
+    data_dir: str | None = None
+    limit: int | None = None
+    task_args: dict[str, Any] = field(default_factory=dict)
+    skip_bad: bool = False
+    allow_outside_paths: bool = False
+
+    def load(self, wanted: set[str]) -> dict[str, Example]:
+        from r3v.tasks.base import build_task
+
+        task = build_task(self.task, self.task_args, skip_bad=self.skip_bad, allow_outside_paths=self.allow_outside_paths)
+        return {ex.id: ex for ex in task.load(self.split, data_dir=self.data_dir, limit=self.limit) if ex.id in wanted}
+
+
+@dataclass
+class TrainJob:
+    """One training step, complete: what ``python -m r3v.train --job FILE`` runs, also by hand and
+    under ``accelerate launch``. ``r3v train`` writes one per iteration (``iter{k}/train_job.yaml``).
+
+    ``items``, ``out`` and ``tracking_dir`` are paths relative to the job file's folder; ``model``
+    and ``init_adapter`` are too when they name a folder there, else a hub id or an absolute path.
+    """
+
+    model: str
+    items: str
+    out: str
+    config: TrainConfig
+    init_adapter: str | None = None
+    examples: ExampleSource | None = None
+    resume: bool = True
+    #: Where trackers write (TensorBoard event files, wandb's folder); None: the trackers' defaults.
+    tracking_dir: str | None = None
+    #: The name trackers give this step's run (e.g. ``<run>/iter1``).
+    run_name: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["config"] = self.config.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "train job") -> TrainJob:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        missing = {"model", "items", "out", "config"} - set(data)
+        if unknown or missing:
+            problems = [f"unknown key(s) {sorted(unknown)}" if unknown else "", f"missing key(s) {sorted(missing)}" if missing else ""]
+            raise DataError(" and ".join(p for p in problems if p), path=where)
+        data = dict(data)
+        try:
+            data["config"] = TrainConfig.from_dict(data["config"])
+            if data.get("examples") is not None:
+                data["examples"] = ExampleSource(**data["examples"])
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"bad training settings: {exc}", path=where) from exc
+        return cls(**data)
+
+    def write(self, path: str | Path) -> Path:
+        import yaml
+
+        path = Path(path)
+        text = "# One R3V training step: python -m r3v.train --job THIS_FILE (also under accelerate launch)\n"
+        atomic_write_text(path, text + yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True))
+        return path
+
+    @classmethod
+    def read(cls, path: str | Path) -> TrainJob:
+        import yaml
+
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise DataError(f"training job not found: {path}", path=path) from exc
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise DataError(f"not a readable YAML training job: {exc}", path=path) from exc
+        if not isinstance(data, dict):
+            raise DataError("a training job is a YAML mapping", path=path)
+        return cls.from_dict(data, where=str(path))
+
+
+def job_reference(value: str | None, folder: Path) -> str | None:
+    """How a job file names a model or adapter: relative to the job's folder when the folder holds
+    it (the run directory can move), absolute for other local folders, hub ids as they are."""
+    if value is None or not Path(value).exists():
+        return value
+    target = Path(value).resolve()
+    if target.is_relative_to(folder.resolve().parent):
+        return os.path.relpath(target, folder.resolve())
+    return str(target)
+
+
+def _resolve(value: str | None, folder: Path) -> str | None:
+    if value is None or Path(value).is_absolute():
+        return value
+    local = folder / value
+    return str(local) if local.exists() else value
+
+
+def run_job(job_path: str | Path, examples: dict[str, Example] | None = None,
+            callbacks: Sequence[TrainerCallback] | None = None) -> TrainResult:
+    """Run a training job in this process (every process of an ``accelerate launch`` calls this).
+
+    ``examples`` may be passed when the caller holds them already; else they load from the job's
+    example source.
+    """
     from r3v.records import read_jsonl
 
+    job_path = Path(job_path)
+    job = TrainJob.read(job_path)
+    folder = job_path.parent
+    items_path = folder / job.items
+    items = []
+    for number, record in enumerate(read_jsonl(items_path), start=1):
+        try:
+            items.append(TrainItem.from_dict(record))
+        except DataError as exc:
+            raise DataError(exc.problem, path=items_path, record=f"line {number}") from exc
+    if examples is None:
+        wanted = {item.example_id for item in items if item.images is None}
+        examples = job.examples.load(wanted) if job.examples is not None and wanted else {}
+    with _tracking_environment(job, folder):
+        return train(_resolve(job.model, folder), items, examples, job.config, folder / job.out, resume=job.resume,
+                     init_adapter=_resolve(job.init_adapter, folder), callbacks=callbacks)
+
+
+@contextlib.contextmanager
+def _tracking_environment(job: TrainJob, folder: Path) -> Iterator[None]:
+    """Point the Trainer's trackers at the job's tracking folder for the duration of the call."""
+    if not job.tracking_dir or not job.config.report_to:
+        yield
+        return
+    where = folder / job.tracking_dir
+    settings = {"TENSORBOARD_LOGGING_DIR": str(where / "tensorboard" / (job.run_name or "train")),
+                "WANDB_DIR": str(where)}
+    if job.run_name:
+        settings |= {"WANDB_NAME": job.run_name, "WANDB_RUN_GROUP": job.run_name.split("/")[0]}
+    saved = {key: os.environ.get(key) for key in settings}
+    os.environ.update({key: value for key, value in settings.items() if saved[key] is None or key.startswith("TENSORBOARD")})
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+class TrainingProcessError(RuntimeError):
+    """The training process failed in a way it did not report as bad input or a non-finite loss."""
+
+
+def launch_job(job_path: str | Path, num_processes: int = 1, accelerate_config: str | None = None,
+               log_path: str | Path | None = None, echo: Callable[[str], None] | None = None) -> TrainResult:
+    """Run a training job in a process of its own (``accelerate launch`` for several processes or an
+    accelerate config), so that every byte it allocated is returned when it exits.
+
+    Its output goes to ``log_path`` and, line by line, to ``echo``. A DataError or
+    NonFiniteLossError in the job is raised here again, with the job's own message.
+    """
+    import subprocess
+    import sys
+
+    job_path = Path(job_path).resolve()
+    job = TrainJob.read(job_path)
+    out = job_path.parent / job.out
+    (out / ERROR_FILE).unlink(missing_ok=True)
+    command = [sys.executable, "-m", "r3v.train", "--job", str(job_path)]
+    env = dict(os.environ)
+    if num_processes > 1 or accelerate_config:
+        launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
+                  "--main_process_port", str(_free_port())]
+        if accelerate_config:
+            launch += ["--config_file", str(accelerate_config)]
+        elif num_processes > 1:
+            launch += ["--multi_gpu"]
+        if not torch.cuda.is_available():
+            # accelerate's multi-process launcher runs on CPUs (gloo) when told to
+            launch += ["--mixed_precision", "no"]
+            env["ACCELERATE_USE_CPU"] = "true"
+        command = launch + command[1:]
+    log_file = Path(log_path) if log_path else out / "train_process.log"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    tail: list[str] = []
+    with log_file.open("a", encoding="utf-8") as handle:
+        handle.write(f"$ {' '.join(command)}\n")
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        assert process.stdout is not None
+        for line in process.stdout:
+            handle.write(line)
+            handle.flush()
+            tail = (tail + [line.rstrip()])[-20:]
+            if echo:
+                echo(line.rstrip())
+        code = process.wait()
+    error = _read_json(out / ERROR_FILE)
+    if error:
+        if error.get("type") == "NonFiniteLossError":
+            raise NonFiniteLossError(error["message"], step=error.get("step", 0), last_checkpoint=error.get("last_checkpoint"))
+        raise DataError(error["message"])
+    if code != 0:
+        shown = "\n".join(tail[-8:])
+        raise TrainingProcessError(f"the training process exited with code {code}; log: {log_file}\n{shown}")
+    done = _read_json(out / DONE_FILE)
+    if not done:
+        raise TrainingProcessError(f"the training process exited without a result in {out}; log: {log_file}")
+    return TrainResult.from_dict(done["result"])
+
+
+def wait_for_job(job_path: str | Path, echo: Callable[[str], None] | None = None,
+                 poll_seconds: float = 10.0) -> TrainResult:
+    """Wait until someone else runs the job (e.g. ``accelerate launch`` on every node of a cluster)
+    and return its result: the finished job must be this job, same model, items and settings."""
+    from r3v.records import read_jsonl
+
+    job_path = Path(job_path).resolve()
+    job = TrainJob.read(job_path)
+    folder = job_path.parent
+    items = [TrainItem.from_dict(record) for record in read_jsonl(folder / job.items)]
+    _, run_key = _fingerprints(_resolve(job.model, folder), items, job.config, _resolve(job.init_adapter, folder))
+    out = folder / job.out
+    if echo:
+        echo(f"waiting for this training job to be run elsewhere (on every node):\n"
+             f"  accelerate launch --num_machines N --machine_rank R ... -m r3v.train --job {job_path}")
+    while True:
+        done = _read_json(out / DONE_FILE)
+        if done and done.get("run_key") == run_key and Path(done["result"]["output_path"]).exists():
+            return TrainResult.from_dict(done["result"])
+        error = _read_json(out / ERROR_FILE)
+        if error:
+            raise DataError(f"the training job failed where it ran: {error['message']}", path=job_path)
+        time.sleep(poll_seconds)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Train on a JSONL file of TrainItems, or run a job file: ``python -m r3v.train`` (works under
+    ``accelerate launch``)."""
+    import click
+
     @click.command()
-    @click.option("--model", required=True, help="Hub id, local folder or built-in name.")
-    @click.option("--items", "items_path", required=True, type=click.Path(exists=True, dir_okay=False),
+    @click.option("--job", "job_path", default=None, type=click.Path(dir_okay=False),
+                  help="A training job file (iter{k}/train_job.yaml of an r3v train run); the other options are ignored.")
+    @click.option("--model", default=None, help="Hub id, local folder or built-in name.")
+    @click.option("--items", "items_path", default=None, type=click.Path(exists=True, dir_okay=False),
                   help="JSONL of TrainItem records (kind, example_id, prompt, target, images).")
-    @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
+    @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False))
     @click.option("--task", "task_name", default=None, help="Task whose examples supply the items' images.")
     @click.option("--split", default="train", show_default=True)
     @click.option("--data-dir", default=None, type=click.Path(file_okay=False))
@@ -786,39 +1217,29 @@ def main(argv: Sequence[str] | None = None) -> None:
     @click.option("--set", "settings", multiple=True, help="Override a TrainConfig field: key=value (JSON value).")
     @click.option("--init-adapter", default=None, help="Start from this LoRA adapter.")
     @click.option("--no-resume", is_flag=True, help="Discard checkpoints in --out and start over.")
-    def command(model, items_path, out_dir, task_name, split, data_dir, preset, settings, init_adapter, no_resume):
+    def command(job_path, model, items_path, out_dir, task_name, split, data_dir, preset, settings, init_adapter, no_resume):
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-        if preset == "auto":
-            config = TrainConfig.for_model(model)
-        elif preset == "tiny":
-            config = TrainConfig.tiny()
-        elif preset == "default":
-            config = TrainConfig()
-        else:
-            config = TrainConfig.reference(preset)
+        if job_path is None:
+            if not (model and items_path and out_dir):
+                raise click.UsageError("give --job FILE, or --model, --items and --out")
+            config = _preset(preset, model)
+            try:
+                config = TrainConfig.from_dict({**config.to_dict(), **dict(_parse_setting(s) for s in settings)})
+            except ValueError as exc:
+                raise click.BadParameter(str(exc), param_hint="--set") from exc
+            out = Path(out_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            examples = ExampleSource(task_name, split, data_dir) if task_name else None
+            job = TrainJob(model=str(Path(model).resolve()) if Path(model).exists() else model,
+                           items=str(Path(items_path).resolve()), out=".", config=config,
+                           init_adapter=str(Path(init_adapter).resolve()) if init_adapter else None,
+                           examples=examples, resume=not no_resume)
+            job_path = job.write(out / JOB_FILE)
+        job_file = Path(job_path)
         try:
-            config = TrainConfig.from_dict({**config.to_dict(), **dict(_parse_setting(s) for s in settings)})
-        except ValueError as exc:
-            raise click.BadParameter(str(exc), param_hint="--set") from exc
-        items = []
-        try:
-            for number, record in enumerate(read_jsonl(items_path), start=1):
-                try:
-                    items.append(TrainItem.from_dict(record))
-                except DataError as exc:
-                    raise DataError(exc.problem, path=items_path, record=f"line {number}") from exc
-        except DataError as exc:
-            raise click.ClickException(str(exc)) from exc
-        examples: dict[str, Example] = {}
-        if task_name:
-            from r3v.registry import tasks
-
-            wanted = {item.example_id for item in items if item.images is None}
-            task = tasks.get(task_name)()
-            examples = {ex.id: ex for ex in task.load(split, data_dir=data_dir) if ex.id in wanted}
-        try:
-            result = train(model, items, examples, config, out_dir, resume=not no_resume, init_adapter=init_adapter)
+            result = run_job(job_file)
         except (DataError, NonFiniteLossError) as exc:
+            _record_error(job_file, exc)
             raise click.ClickException(str(exc)) from exc
         from accelerate import PartialState
 
@@ -826,6 +1247,32 @@ def main(argv: Sequence[str] | None = None) -> None:
             click.echo(json.dumps(result.to_dict(), indent=2))
 
     command.main(args=list(argv) if argv is not None else None, prog_name="python -m r3v.train")
+
+
+def _preset(name: str, model: str) -> TrainConfig:
+    if name == "auto":
+        return TrainConfig.for_model(model)
+    if name == "tiny":
+        return TrainConfig.tiny()
+    if name == "default":
+        return TrainConfig()
+    return TrainConfig.reference(name)
+
+
+def _record_error(job_file: Path, exc: Exception) -> None:
+    """Leave the error where ``launch_job`` looks for it, so the parent can name it exactly."""
+    from accelerate import PartialState
+
+    try:
+        job = TrainJob.read(job_file)
+    except DataError:
+        return
+    if not PartialState().is_main_process:
+        return
+    record = {"type": type(exc).__name__, "message": str(exc)}
+    if isinstance(exc, NonFiniteLossError):
+        record |= {"message": exc.args[0], "step": exc.step, "last_checkpoint": exc.last_checkpoint}
+    atomic_write_json(job_file.parent / job.out / ERROR_FILE, record)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from r3v.train import DONE_FILE, LOG_FILE, TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "accelerate"
-SETTINGS = {"batch_size": 2, "epochs": 2, "logging_steps": 1, "warmup_ratio": 0.0}
+SETTINGS = {"batch_size": 2, "global_batch": 4, "epochs": 2, "logging_steps": 1, "warmup_ratio": 0.0}
 
 
 def free_port() -> int:
@@ -57,7 +57,8 @@ def test_two_gloo_processes_train_like_one_process_with_the_same_global_batch(ti
 
     result = json.loads((out / DONE_FILE).read_text())["result"]
     manifest = json.loads((out / "manifest.json").read_text())["settings"]
-    assert manifest["world_size"] == 2 and manifest["gradient_accumulation_steps"] == 1
+    assert manifest["batch"] == {"processes": 2, "per_device": 2, "accumulation": 1, "step_items": 4,
+                                 "gradient_checkpointing": False}
     assert Path(result["output_path"]) == out / "model" and (out / "model" / "model.safetensors").exists()
     ddp_log = [json.loads(line) for line in (out / LOG_FILE).read_text().splitlines()]
     assert [r["step"] for r in ddp_log] == [1, 2, 3, 4]  # rank 0 alone writes, once per step
@@ -67,7 +68,7 @@ def test_two_gloo_processes_train_like_one_process_with_the_same_global_batch(ti
     assert backpropagated == pytest.approx([r["loss"] for r in ddp_log], rel=1e-6)
 
     # One process, 2 items per micro-batch, 2 micro-batches per step: the same items per step.
-    config = TrainConfig.from_dict({**TrainConfig.tiny().to_dict(), **SETTINGS, "grad_accum": 2})
+    config = TrainConfig.from_dict({**TrainConfig.tiny().to_dict(), **SETTINGS})
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -11,6 +11,7 @@ from r3v.builders import (
     BuildConfig,
     build_mixture,
     build_self_items,
+    dedupe,
     equations_hold,
     pool_by_example,
     qa_items,
@@ -299,3 +300,49 @@ def test_check_equations_drops_lucky_positives():
     assert checked.items[0].target == checked.items[1].target == sound.text
     assert checked.stats["positives_failing_equations"] == 1
     assert BuildConfig(check_equations=True).to_dict()["check_equations"] is True
+
+
+def test_duplicates_keep_their_newest_copy_and_that_changes_the_items():
+    """Keeping the oldest copy of a duplicate would change what "newest" means afterwards.
+
+    Pool, oldest first: A@1 (right), W@1 (wrong), B@1 (right), V@2 (wrong), A'@3 (right), W'@3 (wrong),
+    where A' and W' equal A and W once stripped. Keeping the newest copies leaves B, V, A', W', so
+    A' is the newest right sample and W' the newest wrong one. Keeping the oldest would leave
+    A, W, B, V: B and V would be the newest, and every item below would differ.
+    """
+    ex = example()
+    gold, off = ex.answer, int(ex.answer) + 1
+    a = sample(ex, f"Count them: A.\nAnswer: {gold}", 1, 0)
+    w = sample(ex, f"Count them: W.\nAnswer: {off}", 1, 1)
+    b = sample(ex, f"Count them: B.\nAnswer: {gold}", 1, 2)
+    v = sample(ex, f"Count them: V.\nAnswer: {off}", 2, 0)
+    a_new = sample(ex, f"\n  Count them: A.\nAnswer: {gold}  \n", 3, 0)
+    w_new = sample(ex, f"Count them: W.\nAnswer: {off}\n\n", 3, 1)
+    assert [s.correct for s in (a, w, b, v, a_new, w_new)] == [True, False, True, False, True, False]
+    pool = [w_new, b, a, v, a_new, w]  # file order must not matter
+
+    assert dedupe(pool_by_example(pool)[ex.id]) == [b, v, a_new, w_new]
+    result = build_self_items(TASK, [ex], pool, BuildConfig(), iteration=4)
+    assert result.stats["duplicates_removed"] == 2
+    assert kinds(result.items) == ["cot", "refine", "select", "select"]
+    cot, refine, lean_correct, lean_wrong = result.items
+
+    question = f"{ex.question}\nFirst generate a step-by-step solution, then answer the question using a single numerical value."
+    text_a, text_w, text_b, text_v = (f"Count them: {t}.\nAnswer: {x}" for t, x in
+                                      (("A", gold), ("W", off), ("B", gold), ("V", off)))
+    assert (cot.prompt, cot.target) == (question, text_a)
+    assert refine.prompt == (
+        f"{question}\n\nModel's prediction:\n{text_w}\n\nThe prediction above may be wrong. Judge whether it is "
+        "correct; if it is not, find the error and write a corrected step-by-step solution, then give the final answer."
+    )
+    assert refine.target == text_a
+    # Two right (A', B) + the newest wrong (W'); then the newest right (A') + the two wrong (W', V).
+    expected_sets = {"lean_correct": [text_a, text_b, text_w], "lean_wrong": [text_a, text_w, text_v]}
+    for item, name in ((lean_correct, "lean_correct"), (lean_wrong, "lean_wrong")):
+        shown = re.split(r"\n\nModel's prediction \d+:\n", item.prompt)
+        assert shown[0] == question
+        *candidates, last = shown[1:]
+        last, instruction = last.split("\n\n")
+        assert sorted([*candidates, last]) == sorted(expected_sets[name]), name
+        assert instruction == "Which prediction is correct? Give the final answer as a single numerical value."
+        assert item.target == f"Answer: {gold}"

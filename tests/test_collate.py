@@ -12,9 +12,10 @@ import torch
 from r3v.backends.base import Request
 from r3v.collate import (
     OBJECTIVES,
+    PADDING_KEY,
     CompletionCollator,
     ItemDataset,
-    LengthGroupedSampler,
+    StepSampler,
     encode_item,
     end_of_turn,
 )
@@ -126,7 +127,7 @@ def test_a_collated_batch_carries_every_model_input_and_matches_single_items(nam
 
     # The batch runs through the model, and each row's logits equal those of the item alone:
     # padding, pixel order and the multimodal token types are all where the model expects them.
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "objective")}
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "objective", PADDING_KEY)}
     with torch.no_grad():
         logits = lm.model(**inputs).logits
         for row, feature in enumerate(features):
@@ -159,7 +160,10 @@ def test_over_long_items_lose_target_tokens_never_image_tokens(loaded, clevr_tas
         dataset = ItemDataset(lm.processor, items, {example.id: example}, max_length=n_prompt + 3)
     assert len(dataset) == 1 and len(dataset.truncated) == 1 and len(dataset.skipped) == 1
     assert "item 1 (qa, example train-0)" in dataset.skipped[0]
+    assert dataset.over_length == {"skipped": {"qa": 1}, "truncated": {"cot": 1}}
     assert "skipped 1 item" in caplog.text and "cut the target of 1 item" in caplog.text
+    assert "(qa 1)" in caplog.text and "(cot 1)" in caplog.text
+    assert torch.equal(dataset[0]["input_ids"], cut["input_ids"])
 
 
 def test_bad_items_raise_data_errors_that_name_the_item(loaded, clevr_task, examples):
@@ -184,32 +188,102 @@ def test_items_beyond_the_cache_budget_are_encoded_again_identically(loaded, cle
     by_id = {ex.id: ex for ex in examples}
     cached = ItemDataset(processor, items, by_id, max_length=2048)
     lazy = ItemDataset(processor, items, by_id, max_length=2048, cache_bytes=0)
-    assert lazy._cache == [None] * 4 and all(f is not None for f in cached._cache)
     assert cached.lengths == lazy.lengths and cached.items_per_objective() == {"sft": 2, "refine": 1, "select": 1}
     for i in range(4):
         a, b = cached[i], lazy[i]
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a)
+    assert len(cached._cache) == 4 and not lazy._cache
 
 
-def test_sampler_is_a_seeded_per_epoch_shuffle_that_groups_lengths():
+@pytest.mark.parametrize("name", MODELS)
+def test_lengths_are_measured_exactly_without_processing_any_image(name, loaded, clevr_task, tmp_path, monkeypatch):
+    """The length of every item, from its text and its images' sizes, equals its real encoding,
+    and building the dataset runs the image processor once per distinct size, not per item."""
+    from PIL import Image
+
+    lm = loaded(name)
+    examples = clevr_task.load("train", limit=6)
+    items = mixed_items(clevr_task, examples[:4])
+    # images on disk, of several sizes, one item showing two images
+    paths = []
+    for i, (width, height) in enumerate([(112, 112), (300, 180), (57, 400), (112, 112)]):
+        path = tmp_path / f"img{i}.png"
+        examples[i].load_images()[0].resize((width, height)).save(path)
+        paths.append(str(path))
+    items += [TrainItem("qa", "file-0", "How many?", "3", images=[paths[1]]),
+              TrainItem("cot", "file-1", "Count both.", "There are 2.\nAnswer: 2", images=[paths[2], paths[3]]),
+              TrainItem("distill", "text-only", "What is 7 - 3?", "7 - 3 = 4.", images=[])]
+    calls = []
+    image_processor = lm.processor.image_processor
+    original = type(image_processor).__call__
+    monkeypatch.setattr(type(image_processor), "__call__", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    dataset = ItemDataset(lm.processor, items, {ex.id: ex for ex in examples}, max_length=2048)
+    distinct_sizes = {(112, 112), (300, 180), (57, 400)}
+    assert len(calls) <= len(distinct_sizes) + 1  # one probe per size (the first may be a cached one)
+    for i, item in enumerate(items):
+        encoded, _ = encode_item(lm.processor, item.prompt, item.target,
+                                 [Image.open(p).convert("RGB") for p in item.images] if item.images is not None
+                                 else examples[[ex.id for ex in examples].index(item.example_id)].load_images(),
+                                 dataset.end_token, 2048)
+        assert dataset.lengths[i] == encoded["input_ids"].shape[0], item
+        assert torch.equal(dataset[i]["input_ids"], encoded["input_ids"])
+
+
+def test_step_sampler_lays_out_the_same_steps_for_any_number_of_processes():
+    """The order depends on the step size only: whatever micro-batch a process count implies, the
+    items of each optimizer step are the same, and the last step is padded with label-free copies."""
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler
+
     rng = random.Random(0)
     lengths = [rng.randint(10, 400) for _ in range(103)]
-    sampler = LengthGroupedSampler(lengths, batch_size=4, seed=7, block_batches=5)
-    first = list(sampler)
-    assert sorted(first) == list(range(103)) and len(sampler) == 103
-    assert list(sampler) == first
+    sampler = StepSampler(lengths, step_items=16, seed=7, block_steps=3)
+    order = list(sampler)
+    assert sorted(order) == list(range(103)) and len(sampler) == 103  # 6 steps of 16, then 7 items
+    assert list(sampler) == order
     sampler.set_epoch(1)
-    assert list(sampler) != first
-    assert list(LengthGroupedSampler(lengths, 4, seed=8, block_batches=5)) != first
+    assert list(sampler) != order
+    assert list(StepSampler(lengths, 16, seed=8, block_steps=3)) != order
+    # padded for 4 processes x 2 items: the short last step of 7 gets one label-free copy
+    padded = list(StepSampler(lengths, 16, seed=7, block_steps=3, pad_multiple=8))
+    assert len(padded) == 104 and padded[:103] == order and padded[103] - 103 in order[96:]
 
-    def padded_tokens(order: list[int]) -> int:
-        batches = [order[i : i + 4] for i in range(0, len(order), 4)]
+    def steps_seen(processes: int, per_device: int) -> list[set[int]]:
+        """What accelerate hands each process, regrouped into optimizer steps as the Trainer runs
+        them (the last one with the micro-batches that are left)."""
+        accumulation = 16 // (processes * per_device)
+        sampler = StepSampler(lengths, 16, seed=7, block_steps=3, pad_multiple=processes * per_device)
+        batches = BatchSampler(sampler, per_device, drop_last=False)
+        per_process = [list(BatchSamplerShard(batches, processes, rank, split_batches=False)) for rank in range(processes)]
+        assert len({len(p) for p in per_process}) == 1  # every process runs the same number of micro-batches
+        assert all(len(b) == per_device for p in per_process for b in p)  # and every one is full
+        return [{i for p in per_process for b in p[s:s + accumulation] for i in b if i < 103}
+                for s in range(0, len(per_process[0]), accumulation)]
+
+    one = steps_seen(1, 16)
+    assert one == [set(order[s * 16:(s + 1) * 16]) for s in range(7)]
+    for processes, per_device in ((1, 4), (2, 8), (2, 2), (4, 4), (8, 1), (1, 1)):
+        assert steps_seen(processes, per_device) == one
+
+    def padded_tokens(order: list[int], batch: int = 16) -> int:
+        real = [i for i in order if i < 103]
+        batches = [real[i : i + batch] for i in range(0, len(real), batch)]
         return sum(len(b) * max(lengths[i] for i in b) for b in batches)
 
-    plain = LengthGroupedSampler(lengths, 4, seed=7, group_by_length=False)
-    assert padded_tokens(first) < 0.8 * padded_tokens(list(plain))
-    assert max(lengths) in [lengths[i] for i in first[:4]]  # the longest batch runs first
+    plain = StepSampler(lengths, 16, seed=7, group_by_length=False)
+    assert padded_tokens(order) < 0.8 * padded_tokens(list(plain))
+    assert max(lengths) == lengths[order[0]]  # the longest item runs first, in the first step
+
+
+def test_padding_copies_carry_no_labels(loaded, clevr_task, examples):
+    processor = loaded("tiny_qwen").processor
+    dataset = ItemDataset(processor, mixed_items(clevr_task, examples), {ex.id: ex for ex in examples}, max_length=2048)
+    real, copy_ = dataset[1], dataset[len(dataset) + 1]
+    assert torch.equal(real["input_ids"], copy_["input_ids"]) and copy_[PADDING_KEY] is True
+    assert (copy_["labels"] == -100).all() and (real["labels"] != -100).any()
+    batch = CompletionCollator(processor.tokenizer.pad_token_id)([real, copy_])
+    assert batch[PADDING_KEY].tolist() == [False, True]
 
 
 def test_items_with_the_same_image_share_its_tensors(loaded, clevr_task, examples):
@@ -241,4 +315,41 @@ def test_items_with_the_same_image_share_its_tensors(loaded, clevr_task, example
     budget = nbytes(rows[0], image_keys) + sum(nbytes(rows[i], text_keys) for i in range(3))
     assert budget < 2 * nbytes(rows[0], image_keys)  # without sharing, only one of them would fit
     tight = ItemDataset(processor, items[:3], by_id, max_length=2048, cache_bytes=budget)
-    assert all(features is not None for features in tight._cache)
+    for i in range(3):
+        tight[i]
+    assert sorted(tight._cache) == [0, 1, 2]
+    # past the budget, the least recently used encoding goes first
+    smaller = nbytes(rows[0], image_keys) + nbytes(rows[0], text_keys) + max(nbytes(rows[i], text_keys) for i in (1, 2))
+    lru = ItemDataset(processor, items[:3], by_id, max_length=2048, cache_bytes=smaller)
+    for i in (0, 1, 0, 2):
+        lru[i]
+    assert sorted(lru._cache) == [0, 2]
+
+
+def _previous_sampler_order(lengths: list[int], batch_size: int, seed: int, epoch: int, block_batches: int = 50) -> list[int]:
+    """r3v's earlier LengthGroupedSampler, kept here as the reference for single-process runs."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    block = batch_size * block_batches
+    full, partial = [], []
+    for start in range(0, len(order), block):
+        chunk = sorted(order[start : start + block], key=lambda i: (-lengths[i], i))
+        for b in range(0, len(chunk), batch_size):
+            batch = chunk[b : b + batch_size]
+            (full if len(batch) == batch_size else partial).append(batch)
+    batches = [full[i] for i in torch.randperm(len(full), generator=generator).tolist()]
+    if batches:
+        longest = max(range(len(batches)), key=lambda b: max(lengths[i] for i in batches[b]))
+        batches.insert(0, batches.pop(longest))
+    return [i for batch in batches + partial for i in batch]
+
+
+def test_one_process_keeps_the_previous_data_order():
+    """With one process and the step equal to the micro-batch (the built-in demo's setting), the
+    step layout is the order r3v trained in before steps existed: runs stay comparable."""
+    rng = random.Random(1)
+    lengths = [rng.randint(10, 400) for _ in range(1234)]
+    for epoch in (0, 3):
+        sampler = StepSampler(lengths, step_items=16, seed=5)
+        sampler.set_epoch(epoch)
+        assert list(sampler) == _previous_sampler_order(lengths, 16, seed=5, epoch=epoch)

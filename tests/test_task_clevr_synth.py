@@ -1,5 +1,7 @@
 """clevr-synth: the same data on every machine, a different dataset per seed."""
 
+from collections import Counter
+
 import numpy as np
 
 from r3v.tasks.clevr_synth import ClevrSynth
@@ -42,3 +44,26 @@ def test_scene_labels_and_count_descriptions_match_the_rendered_image():
         assert f"There are {len(scene.objects)} objects." in answer
         color = request.split("the ")[1].split()[0]
         assert f"There are {scene.count(color=color)} {color} objects." in answer
+
+
+def test_gold_answers_recomputed_from_the_scene():
+    """Every gold answer equals a count made here: the question parsed by the test's own patterns,
+    the objects of ``task.scene`` counted one by one (``make_question`` is not involved). The
+    teacher's rationale states the same counts, and the template recorded for the breakdown is
+    the question's first word."""
+    from clevr_oracle import claimed_sentences, recount, wrong_claims
+
+    task = ClevrSynth()
+    templates = Counter()
+    for split in ("train", "test"):
+        for index, example in enumerate(task.load(split, limit=300)):
+            objects = task.scene(split, index).objects
+            template, answer = recount(example.question, objects)
+            assert example.answer == str(answer), (example.id, example.question)
+            rationale = task.teacher_rationale(example)
+            assert rationale.splitlines()[-1] == f"Answer: {answer}"
+            assert claimed_sentences(rationale) >= 1 and wrong_claims(rationale, objects) == [], example.id
+            assert example.metadata["template"] == example.question.split()[0].lower()
+            templates[template] += 1
+    # every template is exercised many times, so an error in any one of them shows
+    assert set(templates) == {"subtract-colour", "subtract-shape", "add"} and min(templates.values()) > 100

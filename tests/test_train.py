@@ -56,7 +56,7 @@ def data(clevr_task):
 def lora_config(**changes) -> TrainConfig:
     # 8 items, 4 per micro-batch, 2 micro-batches per step: one optimizer step per epoch.
     base = TrainConfig(lora_r=4, lora_alpha=8, epochs=2, learning_rate=2e-3, warmup_ratio=0.0,
-                       lr_scheduler="constant", batch_size=4, grad_accum=2, logging_steps=1, loss_weights=WEIGHTS)
+                       lr_scheduler="constant", batch_size=4, global_batch=8, logging_steps=1, loss_weights=WEIGHTS)
     return replace(base, **changes)
 
 
@@ -250,7 +250,7 @@ def test_nonfinite_values_stop_training_and_keep_the_last_good_checkpoint(
 ):
     items, examples = data
     if what == "loss":
-        items, config = items[:4], lora_config(batch_size=2, grad_accum=1)
+        items, config = items[:4], lora_config(batch_size=2, global_batch=2)
     else:
         config = lora_config()
     with pytest.raises(NonFiniteLossError, match=f"non-finite {what} at optimizer step {caught_at}") as error:
@@ -270,7 +270,7 @@ def test_nonfinite_values_stop_training_and_keep_the_last_good_checkpoint(
 
 def test_full_fine_tuning_lowers_the_loss_and_saves_a_loadable_model(tiny_qwen, data, tmp_path):
     items, examples = data
-    config = replace(TrainConfig.tiny(), epochs=4, batch_size=4, logging_steps=4, freeze_vision_tower=False,
+    config = replace(TrainConfig.tiny(), epochs=4, batch_size=4, global_batch=4, logging_steps=4, freeze_vision_tower=False,
                      freeze_projector=False)
     result = train(tiny_qwen, items, examples, config, tmp_path)
     assert not result.is_adapter and result.steps == 8
@@ -327,3 +327,121 @@ def test_the_tiny_preset_freezes_the_image_path_and_trains_the_language_model(na
     model = prepare_model(load_model(request.getfixturevalue(name)).model, replace(TrainConfig.tiny(), freeze_projector=False))
     projector = [n for n, p in model.named_parameters() if p.requires_grad and ENCODER_PARAMETERS.search(n)]
     assert projector and all(("merger" in n) or ("multi_modal_projector" in n) for n in projector)
+
+
+class _Capture(TrainerCallback):
+    """Keeps weak references to what the Trainer trains with, and what each attempt looked like."""
+
+    def __init__(self) -> None:
+        self.refs: list = []
+        self.attempts: list[tuple[int, int, bool]] = []
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        import weakref
+
+        self.refs += [weakref.ref(model), weakref.ref(next(model.parameters()))]
+        self.attempts.append((args.per_device_train_batch_size, args.gradient_accumulation_steps,
+                              bool(getattr(model, "is_activation_checkpointing", False))))
+
+
+def test_nothing_train_built_is_alive_after_it_returns(tiny_qwen, data, tmp_path):
+    """The Trainer holds itself through its step callback; train() breaks that, so the model and its
+    parameters are gone as soon as the caller's references are."""
+    import gc
+
+    items, examples = data
+    capture = _Capture()
+    train(tiny_qwen, items, examples, lora_config(epochs=1), tmp_path, callbacks=[capture])
+    gc.collect()
+    assert capture.refs and all(ref() is None for ref in capture.refs)
+
+
+class _OutOfMemoryAbove(TrainerCallback):
+    """Raises the error CUDA raises when a micro-batch is larger than ``limit`` (fault injection)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if args.per_device_train_batch_size > self.limit:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB (injected by the test)")
+
+
+def test_auto_batch_size_halves_the_micro_batch_and_keeps_the_global_batch(tiny_qwen, data, tmp_path):
+    items, examples = data
+    capture = _Capture()
+    config = lora_config(batch_size=8, global_batch=8, auto_batch_size=True)
+    result = train(tiny_qwen, items, examples, config, tmp_path / "auto", callbacks=[_OutOfMemoryAbove(2), capture])
+    assert [a[:2] for a in capture.attempts] == [(8, 1), (4, 2), (2, 4)]
+    assert result.batch == {"processes": 1, "per_device": 2, "accumulation": 4, "step_items": 8,
+                            "gradient_checkpointing": False}
+    # the same steps as a run told to use 2 items per device from the start
+    direct = train(tiny_qwen, items, examples, lora_config(batch_size=2, global_batch=8), tmp_path / "direct")
+    ours, theirs = adapter_weights(result), adapter_weights(direct)
+    assert max(float((ours[k] - theirs[k]).abs().max()) for k in theirs) < 1e-6
+    assert read_log(tmp_path / "auto") == read_log(tmp_path / "direct")
+    # without the flag the error reaches the caller
+    with pytest.raises(RuntimeError, match="out of memory"):
+        train(tiny_qwen, items, examples, lora_config(batch_size=8, global_batch=8), tmp_path / "plain",
+              callbacks=[_OutOfMemoryAbove(2)])
+
+
+def test_gradient_checkpointing_follows_the_model_size_unless_set(tiny_qwen, data, tmp_path, monkeypatch):
+    import r3v.train as training
+
+    items, examples = data
+    runs = {}
+    for name, setting, threshold in (("auto-small", None, 10**9), ("auto-large", None, 0), ("off", False, 0)):
+        monkeypatch.setattr(training, "CHECKPOINTING_ABOVE", threshold)
+        capture = _Capture()
+        runs[name] = train(tiny_qwen, items, examples, lora_config(epochs=1, gradient_checkpointing=setting),
+                           tmp_path / name, callbacks=[capture])
+        assert capture.attempts[0][2] == runs[name].batch["gradient_checkpointing"]
+    assert [runs[n].batch["gradient_checkpointing"] for n in ("auto-small", "auto-large", "off")] == [False, True, False]
+    # recomputing activations changes no number
+    assert runs["auto-large"].losses == pytest.approx(runs["off"].losses, rel=1e-5)
+
+
+def test_batch_plan_gives_the_global_batch_for_any_process_count():
+    from r3v.train import plan_batch
+
+    reference = TrainConfig.reference("qwen2-vl")
+    assert [plan_batch(reference, n) for n in (1, 2, 8)] == [(2, 32, 64), (2, 16, 64), (2, 4, 64)]
+    assert plan_batch(replace(reference, batch_size=3), 1) == (2, 32, 64)  # a divisor of the step
+    assert plan_batch(TrainConfig.tiny(), 2) == (8, 1, 16)
+    assert plan_batch(replace(reference, global_batch=None, batch_size=4, grad_accum=3), 2) == (4, 3, 24)
+    with pytest.raises(ValueError, match="not a multiple of the 3 training processes"):
+        plan_batch(reference, 3)
+
+
+def test_every_train_config_field_is_documented():
+    """docs/training.md lists every TrainConfig field, so a new setting cannot go undocumented."""
+    import dataclasses
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
+    missing = [f.name for f in dataclasses.fields(TrainConfig) if f"`{f.name}`" not in text]
+    assert not missing, f"document these TrainConfig fields in docs/training.md: {missing}"
+
+
+def test_a_global_batch_larger_than_the_data_pads_nothing(tiny_qwen, data, tmp_path, monkeypatch):
+    """8 items with R3V's global batch of 64: one step of the 8 items, no label-free copies computed
+    (the short last step is padded only to a whole micro-batch per process), and the same update as
+    a global batch of 8."""
+    import r3v.train as training
+
+    rows = []
+
+    class CountingCollator(training.CompletionCollator):
+        def __call__(self, features):
+            rows.extend(bool(f.get("padding", False)) for f in features)
+            return super().__call__(features)
+
+    monkeypatch.setattr(training, "CompletionCollator", CountingCollator)
+    items, examples = data
+    big = train(tiny_qwen, items, examples, lora_config(epochs=1, batch_size=2, global_batch=64), tmp_path / "big")
+    assert big.steps == 1 and big.batch["accumulation"] == 32 and rows == [False] * 8
+    rows.clear()
+    exact = train(tiny_qwen, items, examples, lora_config(epochs=1, batch_size=2, global_batch=8), tmp_path / "exact")
+    assert rows == [False] * 8
+    ours, theirs = adapter_weights(big), adapter_weights(exact)
+    assert max(float((ours[k] - theirs[k]).abs().max()) for k in theirs) < 1e-6

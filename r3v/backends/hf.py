@@ -331,12 +331,16 @@ class HFBackend:
         trust_remote_code: bool = False,
         loaded=None,
         shared_prefill: bool | None = None,
+        max_pixels: int | None = None,
     ) -> None:
-        from r3v.models.loading import load_model
+        from r3v.models.loading import load_model, set_pixel_cap
 
         self.loaded = loaded or load_model(
-            model, adapter=adapter, device=device, dtype=dtype, trust_remote_code=trust_remote_code
+            model, adapter=adapter, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+            max_pixels=max_pixels,
         )
+        if loaded is not None and max_pixels is not None:
+            set_pixel_cap(self.loaded.processor, max_pixels)
         self.model_id = model
         self.adapter = adapter
         self.token_budget = token_budget

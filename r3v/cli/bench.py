@@ -11,7 +11,16 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from r3v.cli.common import console, friendly_errors, make_backend, make_task, model_options, quiet_libraries
+from r3v.cli.common import (
+    console,
+    engine_options,
+    engine_settings,
+    friendly_errors,
+    make_backend,
+    make_task,
+    model_options,
+    quiet_libraries,
+)
 from r3v.cli.generate import sampling_options
 
 
@@ -33,11 +42,13 @@ from r3v.cli.generate import sampling_options
               help="Output folder [default: runs/bench-<task>-<model>/<split>-n<N>-<limit>-<settings hash>].")
 @click.option("--json", "as_json", is_flag=True, help="Print only the results JSON on stdout (progress goes to stderr).")
 @click.option("--plot", is_flag=True, help="Also write OUT/accuracy_vs_n.png (needs matplotlib).")
+@engine_options
 @friendly_errors
 def bench(
     model, adapter, backend_name, trust_remote_code, task_name, selector_names, n_ladder, limit, split, data_dir,
     n, temperature, top_p, top_k, max_new_tokens, greedy, seed, select_max_new_tokens, chunk_size, out_dir,
-    as_json, plot,
+    as_json, plot, tensor_parallel_size, data_parallel_size, max_model_len, gpu_memory_utilization, max_num_seqs,
+    max_lora_rank, max_pixels, engine_batch,
 ):
     """Sample N answers per test question once, then compare test-time selectors at each k.
 
@@ -74,11 +85,18 @@ def bench(
     sampling = Sampling(n=n, temperature=temperature, top_p=top_p, top_k=top_k,
                         max_new_tokens=max_new_tokens, seed=seed, greedy=greedy)
     config = BenchConfig(sampling=sampling, ladder=tuple(ladder), selectors=tuple(names),
-                         select_max_new_tokens=select_max_new_tokens, chunk_size=chunk_size)
+                         select_max_new_tokens=select_max_new_tokens, chunk_size=chunk_size, engine_batch=engine_batch)
+    engine = engine_settings(
+        tensor_parallel_size=tensor_parallel_size, data_parallel_size=data_parallel_size, max_model_len=max_model_len,
+        gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs, max_lora_rank=max_lora_rank,
+        max_pixels=max_pixels,
+    )
     identity = {
         "model": model, "adapter": adapter, "backend": backend_name, "task": task_name, "split": split,
         "limit": limit, "data_dir": str(Path(data_dir).resolve()) if data_dir else None,
     }
+    if max_pixels is not None:  # the images the model sees change the samples
+        identity["max_pixels"] = max_pixels
     out = Path(out_dir) if out_dir else default_out_dir(identity, config)
 
     # Libraries may print to stdout while loading, building or training a model (e.g. trainer logs
@@ -87,7 +105,7 @@ def bench(
         task = make_task(task_name)
         examples = task.load(split, data_dir=data_dir, limit=limit)
         console.print(f"bench: {len(examples)} questions x N={n} -> {out}")
-        backend = make_backend(backend_name, model, adapter, trust_remote_code)
+        backend = make_backend(backend_name, model, adapter, trust_remote_code, **engine)
 
         started = time.perf_counter()
         with Progress(

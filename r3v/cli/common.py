@@ -55,30 +55,15 @@ def model_options(func):
 
 
 def make_task(name: str, task_args: dict | None = None, **options):
-    """Build a registered task.
+    """Build a registered task (see ``r3v.tasks.base.build_task``); a bad option is a usage error."""
+    from r3v.tasks.base import build_task
 
-    ``task_args`` (from ``--task-arg KEY=VALUE``) must all be accepted by the task's constructor;
-    ``options`` (e.g. skip_bad) are passed only where the constructor takes them.
-    """
-    import inspect
-
-    from r3v.registry import tasks
-
-    factory = tasks.get(name)
-    accepted = inspect.signature(factory).parameters
-    unknown = sorted(set(task_args or {}) - set(accepted))
-    if unknown:
-        known = ", ".join(p for p in accepted if p not in ("self", "args", "kwargs")) or "none"
-        raise click.BadParameter(f"task {name!r} takes no option {', '.join(unknown)}; it takes: {known}",
-                                 param_hint="--task-arg")
-    kwargs = {k: v for k, v in options.items() if k in accepted}
-    kwargs.update(task_args or {})
     try:
-        return factory(**kwargs)
+        return build_task(name, task_args, **options)
     except (TypeError, ValueError) as exc:
         if not task_args:
             raise
-        raise click.BadParameter(f"task {name!r}: {exc}", param_hint="--task-arg") from exc
+        raise click.BadParameter(str(exc), param_hint="--task-arg") from exc
 
 
 def parse_task_args(items: tuple[str, ...]) -> dict:
@@ -133,7 +118,59 @@ def report_bad_records(bad: list[str]) -> None:
         console.print(f"  ... and {len(bad) - 20} more")
 
 
+def engine_options(func):
+    """Generation engine options (vLLM's; --max-pixels for every backend) and --engine-batch."""
+    options = [
+        click.option("--tensor-parallel-size", type=click.IntRange(min=1), default=None,
+                     help="vllm: GPUs one engine spans (tensor parallel)."),
+        click.option("--data-parallel-size", type=click.IntRange(min=1), default=None,
+                     help="vllm: engine replicas, each on --tensor-parallel-size GPUs (vLLM's own data-parallel engine)."),
+        click.option("--max-model-len", type=click.IntRange(min=16), default=None,
+                     help="vllm: longest prompt + completion in tokens [default: the model's]."),
+        click.option("--gpu-memory-utilization", type=click.FloatRange(0, 1, min_open=True), default=None,
+                     help="vllm: share of each GPU the engine may take [vLLM's default]."),
+        click.option("--max-num-seqs", type=click.IntRange(min=1), default=None,
+                     help="vllm: sequences decoded at once [vLLM's default]."),
+        click.option("--max-lora-rank", type=click.IntRange(min=1), default=None,
+                     help="vllm: largest LoRA rank the engine serves [default: the adapter's, rounded up]."),
+        click.option("--max-pixels", type=click.IntRange(min=28 * 28), default=None,
+                     help="Pixel cap per image (Qwen2-VL family) [default: the model family's; train: also for training]."),
+        click.option("--engine-batch", type=click.IntRange(min=1), default=None,
+                     help="Questions per backend call; several resume chunks go at once [default: 512 for vllm, "
+                          "one chunk otherwise]."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+ENGINE_OPTION_NAMES = ("tensor_parallel_size", "data_parallel_size", "max_model_len", "gpu_memory_utilization",
+                       "max_num_seqs", "max_lora_rank", "max_pixels")
+
+
+def engine_settings(**given) -> dict:
+    """The engine options that were given (not None), by the backends' parameter names."""
+    return {name: value for name, value in given.items() if name in ENGINE_OPTION_NAMES and value is not None}
+
+
+def check_backend_options(name: str, options: dict) -> None:
+    """Refuse, before any model loads, options the chosen backend does not take."""
+    import inspect
+
+    from r3v.registry import backends
+
+    accepted = inspect.signature(backends.get(name)).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+        return  # the backend checks its own options (openai: OpenAIOptions)
+    unknown = sorted(key for key in options if key not in accepted)
+    if unknown:
+        flags = ", ".join("--" + key.replace("_", "-") for key in unknown)
+        raise click.UsageError(f"the {name} backend takes no {flags}")
+
+
 def make_backend(name: str, model: str, adapter: str | None, trust_remote_code: bool, **kwargs):
     from r3v.registry import backends
 
-    return backends.get(name)(model=model, adapter=adapter, trust_remote_code=trust_remote_code, **kwargs)
+    options = {key: value for key, value in kwargs.items() if value is not None}
+    check_backend_options(name, options)
+    return backends.get(name)(model=model, adapter=adapter, trust_remote_code=trust_remote_code, **options)

@@ -10,6 +10,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from r3v.cli.common import (
     console,
     data_options,
+    engine_options,
+    engine_settings,
     friendly_errors,
     make_backend,
     make_task,
@@ -46,11 +48,14 @@ def sampling_options(func):
 @click.option("--shard", default=None, help="i/k: process every k-th question starting at i.")
 @click.option("--chunk-size", default=32, show_default=True, help="Questions per generate call (and per resume unit).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), required=True, help="Sample store (JSONL).")
+@engine_options
 @friendly_errors
 def generate(
     model, adapter, backend_name, trust_remote_code, task_name, split, data_dir, skip_bad, allow_outside_paths, task_args,
     limit, prompt_kind,
     n, temperature, top_p, top_k, max_new_tokens, greedy, seed, shard, chunk_size, out_path,
+    tensor_parallel_size, data_parallel_size, max_model_len, gpu_memory_utilization, max_num_seqs, max_lora_rank,
+    max_pixels, engine_batch,
 ):
     """Sample N completions per question and write one scored Sample per line to --out.
 
@@ -72,8 +77,15 @@ def generate(
         "limit": limit, "prompt": prompt_kind, "sampling": sampling.to_dict(), "seed": seed,
         "shard": f"{shard_spec.index}/{shard_spec.count}", "chunk_size": chunk_size,
     }
+    engine = engine_settings(
+        tensor_parallel_size=tensor_parallel_size, data_parallel_size=data_parallel_size, max_model_len=max_model_len,
+        gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs, max_lora_rank=max_lora_rank,
+        max_pixels=max_pixels,
+    )
+    if max_pixels is not None:  # the images the model sees change the samples: pin it with the store
+        settings["max_pixels"] = max_pixels
     store = SampleStore(Path(out_path), settings)
-    backend = make_backend(backend_name, model, adapter, trust_remote_code)
+    backend = make_backend(backend_name, model, adapter, trust_remote_code, **engine)
     prompt = task.cot_prompt if prompt_kind == "cot" else task.qa_prompt
 
     bad: list[str] = list(getattr(task, "bad_records", []))
@@ -92,7 +104,8 @@ def generate(
             progress.update(bar, completed=done, rate=f"{done / elapsed:.2f} items/s, {tokens / elapsed:.0f} tok/s")
 
         samples = sample_examples(backend, task, examples, sampling, store, prompt=prompt,
-                                  chunk_size=chunk_size, on_chunk=on_chunk, skip_bad=skip_bad, bad=bad)
+                                  chunk_size=chunk_size, on_chunk=on_chunk, skip_bad=skip_bad, bad=bad,
+                                  engine_batch=engine_batch)
     report_bad_records(bad)
     summary = summarize_samples(samples)
     Console().print(

@@ -12,7 +12,17 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from r3v.cli.common import console, data_options, friendly_errors, make_task, parse_task_args, quiet_libraries
+from r3v.cli.common import (
+    check_backend_options,
+    console,
+    data_options,
+    engine_options,
+    engine_settings,
+    friendly_errors,
+    make_task,
+    parse_task_args,
+    quiet_libraries,
+)
 
 FALLBACK_MODEL = "tiny-qwen2-vl"
 BUILT_IN_BASE = "r3v-clevr-base"
@@ -90,8 +100,29 @@ def method_name(method: str, no_refine: bool, no_select: bool) -> str:
               help="Use a right-answer sample as a positive only if every `a + b = c` step in it holds.")
 @click.option("--epochs", type=float, default=None, help="Training epochs [default: the trainer preset].")
 @click.option("--lr", "learning_rate", type=float, default=None, help="Learning rate [default: the trainer preset].")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Items per micro-batch [default: the trainer preset].")
-@click.option("--grad-accum", type=click.IntRange(min=1), default=None, help="Micro-batches per optimizer step (overrides the preset's global batch).")
+@click.option("--global-batch", type=click.IntRange(min=1), default=None,
+              help="Items per optimizer step over all devices [default: the preset's; R3V: 64].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Most items per device per micro-batch [default: the preset's; R3V: 2].")
+@click.option("--grad-accum", type=click.IntRange(min=1), default=None,
+              help="Micro-batches per optimizer step, instead of a global batch.")
+@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None,
+              help="Recompute activations in backward [default: on for models over 1B parameters].")
+@click.option("--auto-batch-size", is_flag=True, default=None,
+              help="On out-of-memory, halve the per-device batch (the global batch stays) and retry.")
+@click.option("--dataloader-workers", type=click.IntRange(min=0), default=None,
+              help="Processes that load and encode training images [default: 0, in the training process].")
+@click.option("--report-to", default=None, metavar="NAMES",
+              help="Trackers, comma-separated: tensorboard, wandb, ... (training curves and each iteration's metrics).")
+@click.option("--training-process", type=click.Choice(["auto", "separate", "inline", "external"]), default="auto",
+              show_default=True,
+              help="Train in a process of its own (frees all its memory on exit); auto: when a GPU is used or "
+                   "--num-processes > 1; external: write each iteration's job and wait for it to be run elsewhere "
+                   "(several nodes).")
+@click.option("--num-processes", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Training processes, e.g. one per GPU (accelerate launch).")
+@click.option("--accelerate-config", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="accelerate config for training: configs/accelerate/{ddp,zero2,zero3,fsdp}.yaml.")
 @click.option("--lora/--full", "lora", default=None, help="LoRA on the language model, or full fine-tuning [default: preset].")
 @click.option("--lora-r", type=click.IntRange(min=1), default=None)
 @click.option("--lora-alpha", type=click.IntRange(min=1), default=None)
@@ -100,14 +131,17 @@ def method_name(method: str, no_refine: bool, no_select: bool) -> str:
               help="Questions per generate call (and per resume unit).")
 @click.option("--backend", "backend_name", default="hf", show_default=True, help="Generation backend (see r3v list).")
 @click.option("--device", default=None, help="Device for generation, e.g. cuda:0 [default: cuda if available].")
+@engine_options
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the hub (off by default).")
 @friendly_errors
 def train(
     iterations, model, task_name, data_dir, skip_bad, allow_outside_paths, task_args, method, no_refine, no_select,
     out_dir, train_limit, test_limit, from_base, warmup_file, image_root, teacher_count, skip_warmup_train, seed, samples_per_iteration,
     temperature, top_p, top_k, max_new_tokens, eval_samples, eval_max_new_tokens, select_target, select_sizes,
-    check_equations, epochs, learning_rate, batch_size, grad_accum, lora, lora_r, lora_alpha, max_length, chunk_size, backend_name,
-    device, trust_remote_code,
+    check_equations, epochs, learning_rate, global_batch, batch_size, grad_accum, gradient_checkpointing, auto_batch_size,
+    dataloader_workers, report_to, training_process, num_processes, accelerate_config, lora, lora_r, lora_alpha,
+    max_length, chunk_size, backend_name, device, tensor_parallel_size, data_parallel_size, max_model_len,
+    gpu_memory_utilization, max_num_seqs, max_lora_rank, max_pixels, engine_batch, trust_remote_code,
 ):
     """Run the R3V self-training loop: a warm-up (iteration 0), then N iterations of
     sample → build (self-CoT, self-refine, self-select) → train → evaluate.
@@ -133,14 +167,26 @@ def train(
     build = BuildConfig.preset(preset, select_sizes=sizes, select_target=select_target, check_equations=check_equations,
                                seed=seed)
     overrides = {
-        "epochs": epochs, "learning_rate": learning_rate, "batch_size": batch_size, "grad_accum": grad_accum,
+        "epochs": epochs, "learning_rate": learning_rate, "global_batch": global_batch, "batch_size": batch_size,
+        "grad_accum": grad_accum, "gradient_checkpointing": gradient_checkpointing, "auto_batch_size": auto_batch_size,
+        "dataloader_workers": dataloader_workers, "report_to": report_to, "max_pixels": max_pixels,
         "lora": lora, "lora_r": lora_r, "lora_alpha": lora_alpha, "max_length": max_length,
         "trust_remote_code": trust_remote_code or None,
     }
+    if grad_accum is not None and global_batch is not None:
+        raise click.UsageError("give --global-batch or --grad-accum, not both")
     train_config = TrainConfig.for_model(model)
     if grad_accum is not None:  # an explicit accumulation replaces the preset's global batch
         train_config = replace(train_config, global_batch=None)
-    train_config = replace(train_config, **{k: v for k, v in overrides.items() if v is not None})
+    train_config = TrainConfig.from_dict({**train_config.to_dict(), **{k: v for k, v in overrides.items() if v is not None}})
+    backend_options = engine_settings(
+        tensor_parallel_size=tensor_parallel_size, data_parallel_size=data_parallel_size, max_model_len=max_model_len,
+        gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs, max_lora_rank=max_lora_rank,
+        max_pixels=max_pixels,
+    )
+    if device:
+        backend_options["device"] = device
+    check_backend_options(backend_name, backend_options)
     if max_new_tokens is None:
         # clevr-synth rationales are about 30 tokens; a tiny model's 384-token rambles only cost time
         max_new_tokens = 64 if model in BUILT_IN_MODELS else 384
@@ -152,8 +198,9 @@ def train(
         skip_bad=skip_bad, warmup_file=warmup_file,
         image_root=image_root, allow_outside_paths=allow_outside_paths, teacher_count=teacher_count,
         skip_warmup_train=skip_warmup_train, sampling=sampling, eval_samples=eval_samples,
-        eval_max_new_tokens=eval_max_new_tokens, chunk_size=chunk_size, seed=seed, backend=backend_name,
-        backend_options={"device": device} if device else {}, trust_remote_code=trust_remote_code,
+        eval_max_new_tokens=eval_max_new_tokens, chunk_size=chunk_size, engine_batch=engine_batch, seed=seed,
+        backend=backend_name, backend_options=backend_options, trust_remote_code=trust_remote_code,
+        training_process=training_process, num_processes=num_processes, accelerate_config=accelerate_config,
     )
     out = Path(out_dir) if out_dir else Path("runs") / f"{task_name}-{preset}"
     console.print(f"[bold]r3v train[/] {preset} on {task_name} with {model}: iterations 0..{iterations} -> {out}")
@@ -184,8 +231,10 @@ def _percent(value) -> str:
 def results_table(rows: list[dict], eval_samples: int) -> Table:
     n = eval_samples
     table = Table(title="R3V iterations (accuracy %)", box=box.SIMPLE_HEAD, pad_edge=False,
-                  caption=f"sel/maj: self-select/majority over {n} test samples; train pass: of the iteration's samples")
-    for name in ("iter", "Test@1", f"sel@{n}", f"maj@{n}", f"pass@{n}", "train\npass", "items\ncot/ref/sel", "loss\nsft/ref/sel"):
+                  caption=f"sel/maj: self-select/majority over {n} test samples; train pass: of the iteration's samples; "
+                          "too long: items over max_length, skipped/cut")
+    for name in ("iter", "Test@1", f"sel@{n}", f"maj@{n}", f"pass@{n}", "train\npass", "items\ncot/ref/sel",
+                 "loss\nsft/ref/sel", "too\nlong"):
         table.add_column(name, justify="right")
     for row in rows:
         items = row["items"]
@@ -199,6 +248,7 @@ def results_table(rows: list[dict], eval_samples: int) -> Table:
             _percent((row.get("train_samples") or {}).get("pass_at_n")),
             "/".join(str(items.get(kind, 0)) for kind in ("cot", "refine", "select")),
             "/".join("-" if losses.get(o) is None else f"{losses[o]:.2f}" for o in ("sft", "refine", "select")),
+            "/".join(str(sum((row.get("over_length") or {}).get(what, {}).values())) for what in ("skipped", "truncated")),
         )
     return table
 

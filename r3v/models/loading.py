@@ -7,6 +7,7 @@ the same processor class with the PIL image processor and no video part.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,7 +99,14 @@ def _load_processor_without_video(path: str, trust_remote_code: bool):
     if config.model_type not in {"qwen2_vl", "qwen2_5_vl"}:
         return None
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    image_processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        image_processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (ImportError, ValueError, OSError) as exc:
+        # transformers 5.17 picks the torchvision image processor even without torchvision
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        log.info("AutoImageProcessor failed for %s (%s); using the PIL image processor", path, exc)
+        image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
     template = getattr(tokenizer, "chat_template", None)
     processor = Qwen2VLProcessorNoVideo(image_processor=image_processor, tokenizer=tokenizer, chat_template=template)
     if processor.chat_template is None:
@@ -108,6 +116,36 @@ def _load_processor_without_video(path: str, trust_remote_code: bool):
     return processor
 
 
+def pixel_cap(processor: Any) -> int | None:
+    """The most pixels the processor keeps per image, when its image size is a pixel budget
+    (Qwen2-VL family: ``size.longest_edge`` is max_pixels); None for fixed-size processors."""
+    image_processor = getattr(processor, "image_processor", None)
+    if image_processor is None or "Qwen2VL" not in type(image_processor).__name__:
+        return None
+    size = image_processor.size
+    return size["longest_edge"] if isinstance(size, dict) else size.longest_edge
+
+
+def set_pixel_cap(processor: Any, max_pixels: int) -> bool:
+    """Lower the processor's pixel budget per image to ``max_pixels`` (never raise it); False, with
+    nothing changed, for a processor that resizes to a fixed size (its image tokens are fixed)."""
+    current = pixel_cap(processor)
+    if current is None:
+        log.info("%s has no pixel budget to cap", type(getattr(processor, "image_processor", processor)).__name__)
+        return False
+    image_processor = processor.image_processor
+    size = image_processor.size
+    capped = min(current, max_pixels)
+    minimum = size["shortest_edge"] if isinstance(size, dict) else size.shortest_edge
+    if capped < minimum:
+        raise ValueError(f"max_pixels={max_pixels} is below the processor's minimum of {minimum} pixels per image")
+    if isinstance(size, dict):
+        image_processor.size = {**size, "longest_edge": capped}
+    else:
+        image_processor.size = dataclasses.replace(size, longest_edge=capped)
+    return True
+
+
 def load_model(
     name_or_path: str,
     adapter: str | None = None,
@@ -115,11 +153,17 @@ def load_model(
     dtype: str | None = None,
     trust_remote_code: bool = False,
     merge_adapter: bool = False,
+    max_pixels: int | None = None,
 ) -> LoadedModel:
-    """Load model and processor; apply a PEFT adapter when given. Weights load from safetensors only."""
+    """Load model and processor; apply a PEFT adapter when given. Weights load from safetensors only.
+
+    ``max_pixels`` caps the pixels per image the processor keeps (see ``set_pixel_cap``).
+    """
     path = resolve_model(name_or_path)
     device, torch_dtype = pick_device_and_dtype(device, dtype)
     processor = load_processor(path, trust_remote_code)
+    if max_pixels is not None:
+        set_pixel_cap(processor, max_pixels)
     model = AutoModelForImageTextToText.from_pretrained(
         path, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True
     )

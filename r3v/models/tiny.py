@@ -58,27 +58,18 @@ def build_tiny_model(name: str, path: str | Path, seed: int = 0) -> Path:
     The folder is written under a temporary name and renamed, so a killed build leaves no
     half-written model behind.
     """
-    import shutil
-    import tempfile
-
     import torch
 
+    from r3v.io import atomic_folder
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_folder(path) as tmp:
         torch.manual_seed(seed)
         if name == "tiny-qwen2-vl":
             _build_qwen2_vl(tmp)
         else:
             _build_llava(tmp)
         (tmp / "r3v_tiny.json").write_text(json.dumps({"name": name, "seed": seed, "version": BUILD_VERSION}))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 

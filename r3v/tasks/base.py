@@ -239,3 +239,23 @@ def load_hub_undecoded(dataset: str, split: str, **kwargs: Any):
     if "image" in data.column_names and isinstance(data.features["image"], datasets.Image):
         data = data.cast_column("image", datasets.Image(decode=False))
     return data
+
+
+def build_task(name: str, task_args: dict[str, Any] | None = None, **options: Any) -> Any:
+    """A registered task, built with its options.
+
+    ``task_args`` (``--task-arg KEY=VALUE``) must all be accepted by the task's constructor;
+    ``options`` (skip_bad, allow_outside_paths) go only to tasks whose constructor takes them.
+    """
+    import inspect
+
+    from r3v.registry import tasks
+
+    factory = tasks.get(name)
+    accepted = inspect.signature(factory).parameters
+    unknown = sorted(set(task_args or {}) - set(accepted))
+    if unknown:
+        known = ", ".join(p for p in accepted if p not in ("self", "args", "kwargs")) or "none"
+        raise ValueError(f"task {name!r} takes no option {', '.join(unknown)}; it takes: {known}")
+    kwargs = {key: value for key, value in options.items() if key in accepted}
+    return factory(**{**kwargs, **(task_args or {})})

@@ -1,0 +1,1 @@
+"""STAND-IN for ``vllm.entrypoints`` (tests only)."""

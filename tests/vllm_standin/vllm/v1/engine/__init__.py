@@ -1,0 +1,1 @@
+"""STAND-IN for ``vllm.v1.engine`` (tests only)."""
