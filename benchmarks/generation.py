@@ -61,7 +61,7 @@ def benchmark_requests(count: int):
     """clevr-synth questions with their scenes scaled up to 448 px: image-heavy, text-light."""
     from PIL import Image
 
-    from r3v.backends.base import Request
+    from r3v.records import Request
     from r3v.tasks.clevr_synth import ClevrSynth
 
     task = ClevrSynth()
@@ -114,9 +114,9 @@ def r3v_backend(backend, requests, sampling) -> tuple[int, int]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from r3v.backends.base import Sampling
     from r3v.backends.hf import HFBackend
     from r3v.models.tiny import cache_root
+    from r3v.records import Sampling
 
     load_at_start = load_average()
     torch.set_num_threads(args.threads)

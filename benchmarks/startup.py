@@ -71,7 +71,7 @@ def make_mixture(images: int, folder: Path) -> list:
 
 
 def measure(arm: str, processor: Any, items: list) -> dict[str, float]:
-    from r3v.collate import CompletionCollator, ItemDataset, StepSampler
+    from r3v.train.data import CompletionCollator, ItemDataset, StepSampler
 
     start, cpu = time.perf_counter(), time.process_time()
     dataset = ItemDataset(processor, items, {}, max_length=4096, cache_bytes=0)
@@ -127,7 +127,7 @@ def main() -> None:
 
     import torch
 
-    from r3v.models.loading import load_processor
+    from r3v.models.processors import load_processor
     from r3v.models.tiny import tiny_model_path
 
     torch.set_num_threads(1)

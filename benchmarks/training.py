@@ -60,7 +60,8 @@ def benchmark_data(questions: int, seed: int = 0):
     """
     from PIL import Image
 
-    from r3v.builders import BuildConfig, build_mixture, qa_items
+    from r3v.builders import build_mixture, qa_items
+    from r3v.config import BuildConfig
     from r3v.records import Sample
     from r3v.tasks.clevr_synth import ClevrSynth
 
@@ -90,7 +91,7 @@ def benchmark_data(questions: int, seed: int = 0):
 
 
 def run_r3v(model_path: str, questions: int, seed: int, out_dir: Path) -> dict[str, Any]:
-    import r3v.train
+    import r3v.train.trainer
     from r3v.models.shared_images import IMAGE_INDEX_KEY
     from r3v.train import TrainConfig, train
 
@@ -98,7 +99,7 @@ def run_r3v(model_path: str, questions: int, seed: int, out_dir: Path) -> dict[s
     # batches are unchanged); the trainer reports how many it ran the vision encoder on.
     padded = {"tokens": 0, "images_shown": 0, "images_kept": 0}
 
-    class CountingCollator(r3v.train.CompletionCollator):
+    class CountingCollator(r3v.train.trainer.CompletionCollator):
         def __call__(self, features):
             batch = super().__call__(features)
             padded["tokens"] += batch["input_ids"].numel()
@@ -107,7 +108,7 @@ def run_r3v(model_path: str, questions: int, seed: int, out_dir: Path) -> dict[s
             padded["images_shown"] += len(batch[IMAGE_INDEX_KEY]) if IMAGE_INDEX_KEY in batch else kept
             return batch
 
-    r3v.train.CompletionCollator = CountingCollator
+    r3v.train.trainer.CompletionCollator = CountingCollator
 
     examples, items, counts = benchmark_data(questions, seed)
     config = TrainConfig(

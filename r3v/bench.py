@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from r3v.backends.base import Sampling
 from r3v.errors import DataError
 from r3v.io import atomic_write_json
 from r3v.manifest import run_manifest
@@ -34,13 +33,10 @@ from r3v.metrics import (
     mean_pass_at_k,
     metric_name,
 )
-from r3v.records import Example, Sample, write_jsonl
+from r3v.records import Choice, Example, Sample, Sampling, write_jsonl
 from r3v.registry import selectors
-from r3v.selectors.base import Choice
+from r3v.selectors.base import ALL
 from r3v.store import SampleStore, sample_examples
-
-#: Selectors every bench reports, whatever else is asked for: Test@1, majority vote, the pass@N bound.
-BASELINE_SELECTORS = ("first", "majority", "oracle")
 
 
 class MissingExtraError(RuntimeError):
@@ -56,7 +52,7 @@ class BenchConfig:
     #: The ks to report, capped at N (N itself is always reported).
     ladder: tuple[int, ...] = DEFAULT_LADDER
     #: Registered selector names to compare, in report order.
-    selectors: tuple[str, ...] = ("first", "majority", "self-select", "oracle")
+    selectors: tuple[str, ...] = ALL
     #: Token limit for a selector's own model call (self-select); None means ``sampling.max_new_tokens``.
     select_max_new_tokens: int | None = None
     #: Questions per sample-store chunk, the unit of resume.
@@ -94,7 +90,7 @@ def evaluate_selection(
     examples: Sequence[Example],
     samples: Sequence[Sample],
     ks: Sequence[int] = (1, 3),
-    selector_names: Sequence[str] = ("first", "majority", "self-select", "oracle"),
+    selector_names: Sequence[str] = ALL,
     seed: int = 0,
     max_new_tokens: int = 512,
     with_items: bool = False,

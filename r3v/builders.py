@@ -16,91 +16,17 @@ built, so a select set never offers the same solution twice. Every shuffle is se
 
 from __future__ import annotations
 
-import hashlib
-import random
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from r3v.config import BuildConfig
 from r3v.errors import DataError
 from r3v.prompts import refine_prompt, select_prompt
-from r3v.records import Example, Sample, TrainItem
-
-#: Which self-generated objectives each method trains (warm-up data is always mixed in).
-METHODS: dict[str, dict[str, bool]] = {
-    "r3v": {"self_cot": True, "self_refine": True, "self_select": True},
-    "star": {"self_cot": True, "self_refine": False, "self_select": False},
-    "no_refine": {"self_cot": True, "self_refine": False, "self_select": True},
-    "no_select": {"self_cot": True, "self_refine": True, "self_select": False},
-}
-
-#: Item kinds in the order counts are reported.
-KINDS = ("qa", "distill", "cot", "refine", "select")
-
-SELECT_TARGETS = ("answer", "solution")
-
-
-@dataclass(frozen=True)
-class BuildConfig:
-    """How the self-training mixture is built from a sample pool."""
-
-    #: Preset name, recorded in outputs: r3v | star | no_refine | no_select.
-    method: str = "r3v"
-    #: Train on the newest correct sample per question (STaR's rationale bootstrapping).
-    self_cot: bool = True
-    #: Train to turn the newest wrong sample into the newest correct one.
-    self_refine: bool = True
-    #: Train to pick the right answer among numbered candidates.
-    self_select: bool = True
-    #: Candidate-set sizes for self-select; each size gives up to ``select_per_size`` items per
-    #: question. The reference uses (3,); a later variant trains on 2 to 6 for test-time scaling.
-    select_sizes: tuple[int, ...] = (3,)
-    #: Select items per question and size: at most one "mostly correct" and one "mostly wrong" set.
-    select_per_size: int = 2
-    #: "answer": the gold answer line (official code, default); "solution": the chosen sample's text.
-    select_target: str = "answer"
-    #: Collapse candidates with the same stripped text to their newest copy before building.
-    dedup: bool = True
-    #: Mix the warm-up items (direct-answer QA + distilled CoT) into every iteration, as R3V does.
-    include_warmup: bool = True
-    #: Use a right-answer sample as a positive only when every ``a + b = c`` (or -, *, /) step in it
-    #: holds; the failures are neither positives nor negatives.
-    check_equations: bool = False
-    #: Base seed of every shuffle.
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.select_target not in SELECT_TARGETS:
-            raise ValueError(f"select_target must be one of {', '.join(SELECT_TARGETS)}, not {self.select_target!r}")
-        bad = [s for s in self.select_sizes if not 2 <= int(s) <= 6]
-        if bad or not self.select_sizes:
-            raise ValueError(f"select_sizes must be between 2 and 6 candidates, got {self.select_sizes}")
-        if self.select_per_size not in (1, 2):
-            raise ValueError("select_per_size must be 1 or 2")
-
-    @classmethod
-    def preset(cls, method: str, **overrides: Any) -> BuildConfig:
-        """The config of a named method (r3v, star, no_refine, no_select), with overrides."""
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
-        return cls(method=method, **{**METHODS[method], **overrides})
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "method": self.method,
-            "self_cot": self.self_cot,
-            "self_refine": self.self_refine,
-            "self_select": self.self_select,
-            "select_sizes": list(self.select_sizes),
-            "select_per_size": self.select_per_size,
-            "select_target": self.select_target,
-            "dedup": self.dedup,
-            "include_warmup": self.include_warmup,
-            "check_equations": self.check_equations,
-            "seed": self.seed,
-        }
+from r3v.records import KINDS, Example, Sample, TrainItem
+from r3v.seeds import seeded_rng
 
 
 @dataclass
@@ -112,12 +38,6 @@ class BuildResult:
     counts: dict[str, int]
     #: Questions by pool outcome, plus duplicates removed and select items per set size.
     stats: dict[str, Any] = field(default_factory=dict)
-
-
-def seeded_rng(*parts: Any) -> random.Random:
-    """A Random seeded from the parts' text, so the stream is the same in every process."""
-    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
-    return random.Random(int.from_bytes(digest[:8], "little"))
 
 
 def recency_key(sample: Sample) -> tuple[int, int]:

@@ -20,10 +20,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from r3v.backends.base import Backend, Sampling
+from r3v.backends.base import Backend
 from r3v.io import atomic_write_json
 from r3v.manifest import run_manifest
-from r3v.records import Example, Sample, write_jsonl
+from r3v.records import Example, Sample, Sampling, write_jsonl
+from r3v.seeds import stride_seed
 from r3v.store import SampleStore, manifest_path, sample_examples
 
 ANSWER_HINT = 'End your response with a final line of the form "{line}".'
@@ -72,7 +73,7 @@ class DistillConfig:
             top_p=self.top_p,
             top_k=self.top_k,
             max_new_tokens=self.max_new_tokens,
-            seed=self.seed * 1_000 + try_index,
+            seed=stride_seed(self.seed, try_index, stride=1_000),
             greedy=self.temperature == 0,
         )
 

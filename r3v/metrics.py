@@ -17,13 +17,11 @@ from collections.abc import Iterable, Sequence
 from math import comb
 from typing import Any
 
-from r3v.records import Example, Sample
-from r3v.selectors.base import Choice
+from r3v.records import Choice, Example, Sample
+from r3v.selectors.base import METRIC_PREFIX
 
 DEFAULT_LADDER = (1, 3, 5, 7)
 
-#: Short metric names for the built-in selectors; any other selector ``x`` reports as ``x@k``.
-METRIC_PREFIX = {"first": "first", "majority": "maj", "self-select": "sel", "oracle": "oracle"}
 
 
 def group_by_example(samples: Sequence[Sample]) -> dict[str, list[Sample]]:

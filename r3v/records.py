@@ -1,14 +1,16 @@
-"""The two records r3v passes around, and their JSON-lines form.
+"""The records r3v passes around, and their JSON-lines form: its vocabulary, with no torch.
 
-``Example`` is one benchmark question. ``Sample`` is one generated completion for it, already
-scored. Both serialise to one JSON object per line.
+- ``Example``: one benchmark question. ``Sample``: one generated completion for it, already scored.
+  ``TrainItem``: one supervised item (prompt in, target out) of a kind, training an objective.
+- ``Request``, ``Sampling``, ``Completion``: what a generation backend takes and gives back.
+- ``Choice``: the answer a test-time selector picked.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +138,11 @@ def _as_dict(record: Any) -> dict[str, Any]:
     return record.to_dict() if hasattr(record, "to_dict") else dict(record)
 
 
+#: Item kinds, in the order counts are reported: direct-answer QA and distilled CoT (the warm-up),
+#: then the self-generated self-CoT, self-refine and self-select items.
+KINDS = ("qa", "distill", "cot", "refine", "select")
+#: The three R3V objectives, in the order their losses are indexed.
+OBJECTIVES = ("sft", "refine", "select")
 #: Which loss each item kind trains: R3V logs and weights these three objectives separately.
 OBJECTIVE_OF_KIND = {"qa": "sft", "distill": "sft", "cot": "sft", "refine": "refine", "select": "select"}
 
@@ -164,3 +171,73 @@ class TrainItem:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainItem:
         return cls(**_known_fields(cls, data))
+
+
+@dataclass
+class Request:
+    """One chat turn for the model: a user message of images then text.
+
+    ``messages`` is the HF chat format; ``images`` are the PIL images its ``{"type": "image"}``
+    parts refer to, in order.
+    """
+
+    messages: list[dict[str, Any]]
+    images: list[Image.Image] = field(default_factory=list)
+
+    @classmethod
+    def user(cls, text: str, images: list[Image.Image] | None = None) -> Request:
+        images = list(images or [])
+        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
+        return cls(messages=[{"role": "user", "content": content}], images=images)
+
+    @property
+    def text(self) -> str:
+        """All text parts, joined: what a backend without images would see."""
+        parts = []
+        for message in self.messages:
+            content = message["content"]
+            if isinstance(content, str):
+                parts.append(content)
+            else:
+                parts += [p["text"] for p in content if p.get("type") == "text"]
+        return "\n".join(parts)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Decoding settings. ``greedy`` ignores temperature, top_p and top_k."""
+
+    n: int = 1
+    temperature: float = 0.9
+    top_p: float = 0.95
+    top_k: int = 50
+    max_new_tokens: int = 384
+    seed: int = 0
+    greedy: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def greedy_decoding(cls, max_new_tokens: int = 512, seed: int = 0) -> Sampling:
+        return cls(n=1, greedy=True, max_new_tokens=max_new_tokens, seed=seed)
+
+
+@dataclass
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (end of sequence) or "length" (hit max_new_tokens)
+
+
+@dataclass
+class Choice:
+    """The answer a selector picked (None when no candidate has one), and how it got there."""
+
+    answer: str | None
+    correct: bool
+    #: "model" (the model chose), "skipped" (all candidates agreed, no model call),
+    #: "fallback" (model output unparseable, majority vote used), or "rule" (no model involved).
+    how: str = "rule"
+    raw_output: str | None = None

@@ -1,13 +1,23 @@
 """One small generic registry for backends, selectors and tasks.
 
-Third-party packages add entries through the ``r3v.plugins`` entry-point group: each entry point
-names a module (or a callable) that registers its objects on import.
+Implementations are found three ways:
+
+- **built in**: one module per implementation in the registry's package, named after it
+  (``r3v/selectors/self_select.py`` is the selector ``self-select``). A module is imported only
+  when its name is asked for, so looking up a task never loads a backend's torch;
+- **decorated**: ``@registry.register("name")`` on a class or factory, in any module imported;
+- **plugins**: the ``r3v.plugins`` entry-point group. Each entry point names a module that
+  registers its objects on import, or a callable that does.
+
+An unknown name raises ``UnknownNameError``, which lists the known names and the closest one.
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.util
+import pkgutil
 from collections.abc import Callable, Iterator
 from importlib import metadata
 from typing import Generic, TypeVar
@@ -15,6 +25,8 @@ from typing import Generic, TypeVar
 T = TypeVar("T")
 
 PLUGIN_GROUP = "r3v.plugins"
+#: Modules of a plug-in package that are not implementations.
+NOT_IMPLEMENTATIONS = {"base", "__init__", "__main__"}
 _plugins_loaded = False
 
 
@@ -26,16 +38,12 @@ class UnknownNameError(KeyError):
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str, builtin_module: str | None = None) -> None:
-        self.kind = kind
-        self.builtin_module = builtin_module
-        self._entries: dict[str, T] = {}
+    """Names to implementations of one kind (``kind`` is used in messages)."""
 
-    def _load(self) -> None:
-        # Only this registry's own package is imported: scoring needs tasks, not torch-heavy backends.
-        if self.builtin_module:
-            importlib.import_module(self.builtin_module)
-        load_plugins()
+    def __init__(self, kind: str, package: str | None = None) -> None:
+        self.kind = kind
+        self.package = package
+        self._entries: dict[str, T] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
         def decorator(obj: T) -> T:
@@ -46,10 +54,26 @@ class Registry(Generic[T]):
 
         return decorator
 
+    def builtin_names(self) -> list[str]:
+        """The names of the package's own implementations, from its module names (nothing imported)."""
+        if self.package is None:
+            return []
+        spec = importlib.util.find_spec(self.package)
+        paths = spec.submodule_search_locations if spec else None
+        return sorted(info.name.replace("_", "-") for info in pkgutil.iter_modules(paths or [])
+                      if info.name not in NOT_IMPLEMENTATIONS and not info.name.startswith("_"))
+
+    def _import_builtin(self, name: str) -> None:
+        if self.package is not None and name in self.builtin_names():
+            importlib.import_module(f"{self.package}.{name.replace('-', '_')}")
+
     def get(self, name: str) -> T:
-        self._load()
         if name not in self._entries:
-            known = sorted(self._entries)
+            self._import_builtin(name)
+        if name not in self._entries:
+            load_plugins()
+        if name not in self._entries:
+            known = self.names()
             close = difflib.get_close_matches(name, known, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise UnknownNameError(
@@ -58,16 +82,18 @@ class Registry(Generic[T]):
         return self._entries[name]
 
     def names(self) -> list[str]:
-        self._load()
-        return sorted(self._entries)
+        load_plugins()
+        return sorted(set(self.builtin_names()) | set(self._entries))
 
     def items(self) -> Iterator[tuple[str, T]]:
-        self._load()
+        """Every implementation, built-in ones imported (``r3v list``)."""
+        for name in self.builtin_names():
+            self._import_builtin(name)
+        load_plugins()
         return iter(sorted(self._entries.items()))
 
     def __contains__(self, name: str) -> bool:
-        self._load()
-        return name in self._entries
+        return name in self.names()
 
 
 backends: Registry[Callable] = Registry("backend", "r3v.backends")

@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from r3v.backends.base import Backend, Request, Sampling, generate_groups
+from r3v.backends.base import Backend, generate_groups
 from r3v.errors import DataError
 from r3v.io import append_jsonl, atomic_write_json, iter_jsonl, repair_jsonl_tail
 from r3v.manifest import run_manifest
-from r3v.records import Example, Sample
+from r3v.records import Example, Request, Sample, Sampling
+from r3v.seeds import stride_seed
 
 
 @dataclass(frozen=True)
@@ -95,10 +96,6 @@ class SampleStore:
             append_jsonl(handle, [s.to_dict() for s in samples])
 
 
-def chunk_seed(seed: int, chunk_index: int) -> int:
-    return seed * 1_000_003 + chunk_index
-
-
 def sample_examples(
     backend: Backend,
     task: Any,
@@ -164,7 +161,7 @@ def sample_examples(
                     raise
                 if bad is not None:
                     bad.append(str(exc))
-        chunk_sampling = Sampling(**{**sampling.to_dict(), "seed": chunk_seed(sampling.seed, chunk_index)})
+        chunk_sampling = Sampling(**{**sampling.to_dict(), "seed": stride_seed(sampling.seed, chunk_index)})
         pending.append((chunk_index, readable, requests, chunk_sampling))
         if sum(len(p[2]) for p in pending) >= per_call:
             flush()

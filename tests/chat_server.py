@@ -27,7 +27,7 @@ from typing import Any
 
 from PIL import Image
 
-from r3v.backends.base import Request, Sampling
+from r3v.records import Request, Sampling
 
 ENDPOINT = "/v1/chat/completions"
 

@@ -1,4 +1,4 @@
-"""Data-parallel training through ``accelerate launch`` with configs/accelerate/ddp.yaml, on two CPU
+"""Data-parallel training through ``accelerate launch`` with r3v/configs/accelerate/ddp.yaml, on two CPU
 processes (gloo), against the same global batch trained in one process."""
 
 from __future__ import annotations
@@ -15,11 +15,13 @@ import torch
 from accelerate.commands.config.config_args import load_config_from_file
 from safetensors.torch import load_file
 
+from r3v.config import SHIPPED_CONFIGS
+from r3v.models.presets import tiny_preset
 from r3v.records import TrainItem, write_jsonl
 from r3v.train import DONE_FILE, LOG_FILE, TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs" / "accelerate"
+CONFIGS = SHIPPED_CONFIGS / "accelerate"
 SETTINGS = {"batch_size": 2, "global_batch": 4, "epochs": 2, "logging_steps": 1, "warmup_ratio": 0.0}
 
 
@@ -68,7 +70,7 @@ def test_two_gloo_processes_train_like_one_process_with_the_same_global_batch(ti
     assert backpropagated == pytest.approx([r["loss"] for r in ddp_log], rel=1e-6)
 
     # One process, 2 items per micro-batch, 2 micro-batches per step: the same items per step.
-    config = TrainConfig.from_dict({**TrainConfig.tiny().to_dict(), **SETTINGS})
+    config = TrainConfig.from_dict({**tiny_preset().to_dict(), **SETTINGS})
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -11,7 +11,6 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from r3v.backends.base import Sampling
 from r3v.bench import (
     BenchConfig,
     MissingExtraError,
@@ -23,7 +22,7 @@ from r3v.bench import (
 from r3v.cli import main
 from r3v.errors import DataError
 from r3v.metrics import pass_at_k
-from r3v.records import Sample
+from r3v.records import Sample, Sampling
 from r3v.store import manifest_path
 
 

@@ -7,8 +7,6 @@ import re
 import pytest
 
 from r3v.builders import (
-    METHODS,
-    BuildConfig,
     build_mixture,
     build_self_items,
     dedupe,
@@ -17,6 +15,7 @@ from r3v.builders import (
     qa_items,
     select_sets,
 )
+from r3v.config import METHODS, BuildConfig
 from r3v.errors import DataError
 from r3v.prompts import refine_prompt, select_prompt
 from r3v.records import Sample, TrainItem

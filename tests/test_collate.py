@@ -9,9 +9,13 @@ import random
 import pytest
 import torch
 
-from r3v.backends.base import Request
-from r3v.collate import (
-    OBJECTIVES,
+from r3v.errors import DataError
+from r3v.models.batching import SEQUENCE_KEYS, encode
+from r3v.models.loading import load_model
+from r3v.models.shared_images import IMAGE_SET_KEY
+from r3v.prompts import refine_prompt, select_prompt
+from r3v.records import OBJECTIVES, Request, TrainItem
+from r3v.train.data import (
     PADDING_KEY,
     CompletionCollator,
     ItemDataset,
@@ -19,12 +23,6 @@ from r3v.collate import (
     encode_item,
     end_of_turn,
 )
-from r3v.errors import DataError
-from r3v.models.batching import SEQUENCE_KEYS, encode
-from r3v.models.loading import load_model
-from r3v.models.shared_images import IMAGE_SET_KEY
-from r3v.prompts import refine_prompt, select_prompt
-from r3v.records import TrainItem
 
 MODELS = ["tiny_qwen", "tiny_llava"]
 
@@ -156,7 +154,7 @@ def test_over_long_items_lose_target_tokens_never_image_tokens(loaded, clevr_tas
     assert encode_item(lm.processor, prompt, target, images, end, n_prompt) == (None, "skipped")
 
     items = [TrainItem("cot", example.id, prompt, target), TrainItem("qa", example.id, "x " * 400, "1")]
-    with caplog.at_level(logging.WARNING, logger="r3v.collate"):
+    with caplog.at_level(logging.WARNING, logger="r3v.train.data"):
         dataset = ItemDataset(lm.processor, items, {example.id: example}, max_length=n_prompt + 3)
     assert len(dataset) == 1 and len(dataset.truncated) == 1 and len(dataset.skipped) == 1
     assert "item 1 (qa, example train-0)" in dataset.skipped[0]

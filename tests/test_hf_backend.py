@@ -2,8 +2,8 @@
 
 import pytest
 
-from r3v.backends.base import Request, Sampling
 from r3v.backends.hf import HFBackend
+from r3v.records import Request, Sampling
 
 
 @pytest.fixture(scope="module")

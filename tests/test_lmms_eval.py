@@ -118,18 +118,17 @@ lmms = pytest.mark.skipif(not HAS_LMMS, reason="lmms-eval is not installed (pip 
 
 def _expected_outputs(exported: Path, n: int, max_new_tokens: int, selector_name: str) -> list[str]:
     """What the r3v model should answer, computed with r3v alone: sample, extract, select, take the text."""
-    from r3v.backends.base import Request, Sampling
     from r3v.backends.hf import HFBackend
-    from r3v.records import Sample
+    from r3v.records import Request, Sample, Sampling
     from r3v.registry import selectors, tasks
-    from r3v.store import chunk_seed
+    from r3v.seeds import stride_seed
 
     task = tasks.get("clevr-synth")()
     name = lmms_task_name("clevr-synth")
     docs = _docs(exported, name)
     examples = [example_from_doc(d, exported) for d in docs]
     backend = HFBackend(model="tiny-qwen2-vl")
-    sampling = Sampling(n=n, max_new_tokens=max_new_tokens, seed=chunk_seed(0, 0))
+    sampling = Sampling(n=n, max_new_tokens=max_new_tokens, seed=stride_seed(0, 0))
     outputs = backend.generate([Request.user(task.cot_prompt(ex), ex.load_images()) for ex in examples], sampling)
     selector = selectors.get(selector_name)()
     expected = []

@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from r3v.builders import BuildConfig, build_mixture
+from r3v.builders import build_mixture
 from r3v.cli import main
 from r3v.cli.train import method_name, parse_sizes
+from r3v.config import BuildConfig
 from r3v.errors import DataError
 from r3v.loop import check_run_dir
 from r3v.records import Sample, TrainItem, read_jsonl
@@ -240,9 +241,9 @@ def test_dev_runs_script_records_a_finished_run(finished_run):
     assert run["self_select_accuracy_by_iteration"] == [row["select_accuracy"] for row in rows]
     assert run["majority_accuracy_by_iteration"][1] == rows[1]["majority_accuracy"] is not None
     assert run["train_questions"] == 8 and run["epochs"] == 1
-    from r3v.models.base_model import base_model_path
+    from r3v.models.loading import resolve_model
 
-    assert run["base_sha256"] == dev_runs.weights_sha256(str(base_model_path())) is not None
+    assert run["base_sha256"] == dev_runs.weights_sha256(resolve_model("r3v-clevr-base")) is not None
     table = dev_runs.markdown([run], {"date": "d", "cpu": "c", "cores": 2})
     row = next(line for line in table.splitlines() if line.startswith(f"| {out.name} | 0 | 8 / 4 | 1 | cot+refine+select |"))
     assert " → ".join(f"{value:.3f}" for value in run["test_accuracy_by_iteration"]) in row

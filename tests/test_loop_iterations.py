@@ -22,9 +22,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from r3v.backends.base import Completion, Request, Sampling
 from r3v.cli import main
-from r3v.records import TrainItem, read_jsonl
+from r3v.records import Completion, Request, Sampling, TrainItem, read_jsonl
 from r3v.registry import backends
 from r3v.tasks.clevr_synth import ClevrSynth
 

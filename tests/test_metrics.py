@@ -19,8 +19,7 @@ from r3v.metrics import (
     pass_at_k,
     summarize_samples,
 )
-from r3v.records import Example, Sample
-from r3v.selectors.base import Choice
+from r3v.records import Choice, Example, Sample
 
 
 def brute_force_pass_at_k(n: int, c: int, k: int) -> Fraction:

@@ -11,10 +11,10 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
 )
 
-from r3v.backends.base import Request
 from r3v.backends.hf import HFBackend
 from r3v.models.loading import load_model
 from r3v.models.tiny import build_tiny_model
+from r3v.records import Request
 
 
 @pytest.mark.parametrize(
@@ -103,12 +103,12 @@ def test_the_shipped_base_model_reads_the_image(clevr_task):
     another question's image."""
     import random
 
-    from r3v.collate import CompletionCollator, ItemDataset
-    from r3v.models.base_model import base_model_path
+    from r3v.demo.corpus import describe_counts
+    from r3v.models.loading import resolve_model
     from r3v.records import TrainItem
-    from r3v.tasks.clevr_synth import describe_counts
+    from r3v.train.data import CompletionCollator, ItemDataset
 
-    lm = load_model(str(base_model_path()))
+    lm = load_model(resolve_model("r3v-clevr-base"))
     examples = clevr_task.load("train", limit=48)
     descriptions = [describe_counts(clevr_task.scene("train", i), random.Random(i)) for i in range(len(examples))]
 
@@ -131,7 +131,7 @@ def test_arithmetic_warmup_items_are_text_only_true_sums_in_the_rationale_wordin
     import random
 
     from r3v.builders import equations_hold
-    from r3v.models.base_model import arithmetic_items
+    from r3v.demo.base_model import arithmetic_items
 
     items = arithmetic_items(200, random.Random(0))
     assert items == arithmetic_items(200, random.Random(0))  # seeded

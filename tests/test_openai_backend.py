@@ -13,9 +13,8 @@ import time
 import pytest
 from chat_server import ChatServer, Fault, ModelAnswerer, ScriptedAnswerer, word_count
 
-from r3v.backends.base import Request, Sampling
 from r3v.backends.openai import BackendError, OpenAIBackend, request_seed, split_proportionally
-from r3v.records import Sample, read_jsonl
+from r3v.records import Request, Sample, Sampling, read_jsonl
 from r3v.registry import backends
 from r3v.store import SampleStore, sample_examples
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from r3v.backends.base import Request, Sampling
 from r3v.backends.hf import HFBackend, decode, prefill, row_seed, supports_shared_prefill
 from r3v.models.batching import collate, encode
+from r3v.records import Request, Sampling
 
 # Every token of the vocabulary is a candidate, so samples are varied even on a random model.
 WIDE = Sampling(n=3, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=8, seed=3)

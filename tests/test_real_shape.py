@@ -123,9 +123,9 @@ def test_bad_configs_are_refused_with_the_reason(tmp_path):
 def test_reduced_build_loads_and_generates_through_r3v(reduced, name, charts):
     from PIL import Image
 
-    from r3v.backends.base import Request, Sampling
     from r3v.backends.hf import HFBackend
     from r3v.models.loading import load_model
+    from r3v.records import Request, Sampling
 
     config_file, folder = reduced[name]
     spec = load_spec(config_file)

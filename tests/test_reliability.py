@@ -90,8 +90,8 @@ def test_bench_killed_mid_sampling_resumes_to_the_same_results(tmp_path, cli_env
 
 @pytest.mark.parametrize("size", [(1, 1), (10_000, 10_000), (30, 2000)])
 def test_extreme_image_sizes_are_bounded_by_the_processor(size, tmp_path, qwen_backend):
-    from r3v.backends.base import Request
     from r3v.models.batching import encode
+    from r3v.records import Request
 
     path = tmp_path / "odd.png"
     Image.new("L", size, 128).save(path)
@@ -112,7 +112,7 @@ def test_extremely_elongated_images_are_refused_by_name(tmp_path):
 
 
 def test_generate_skip_bad_processes_the_good_records(tmp_path, qwen_backend, clevr_task):
-    from r3v.backends.base import Sampling
+    from r3v.records import Sampling
     from r3v.store import SampleStore, sample_examples
 
     good = clevr_task.load("test", limit=3)

@@ -27,8 +27,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from r3v.backends.base import Sampling
 from r3v.backends.hf import draw, filter_logits
+from r3v.records import Sampling
 
 VOCAB = 300
 DRAWS = 20_000

@@ -19,9 +19,9 @@ from itertools import permutations
 
 import pytest
 
-from r3v.backends.base import Backend, Completion, Request, Sampling
+from r3v.backends.base import Backend
 from r3v.bench import BenchConfig, evaluate_selection, run_bench
-from r3v.records import Sample
+from r3v.records import Completion, Request, Sample, Sampling
 
 #: A select prompt: "<question + CoT instruction>\n\n" then "Model's prediction k:\n<text>" blocks
 #: separated by blank lines, then "\n\n<select instruction>".

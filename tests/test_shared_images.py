@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from r3v.collate import CompletionCollator, ItemDataset
 from r3v.models import shared_images
 from r3v.models.loading import load_model
 from r3v.prompts import select_prompt
 from r3v.records import TrainItem
-from r3v.train import VISION_TOWER_PATTERN
+from r3v.train.data import CompletionCollator, ItemDataset
+from r3v.train.trainer import VISION_TOWER_PATTERN
 
 
 @pytest.fixture(scope="module")

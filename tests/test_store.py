@@ -5,9 +5,9 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from r3v.backends.base import Sampling
 from r3v.cli import main
 from r3v.errors import DataError
+from r3v.records import Sampling
 from r3v.store import SampleStore, Shard, manifest_path, merge_shards, sample_examples
 
 SAMPLE_FIELDS = {"example_id", "sample_index", "text", "answer", "correct", "model", "sampling", "seed"}
@@ -42,7 +42,7 @@ def test_complete_store_is_not_resampled(tmp_path, clevr_task):
         calls = 0
 
         def generate(self, requests, sampling):
-            from r3v.backends.base import Completion
+            from r3v.records import Completion
 
             CountingBackend.calls += 1
             return [[Completion("Answer: 1", 1, 1, "stop")] * sampling.n for _ in requests]

@@ -27,7 +27,8 @@ def test_splits_do_not_share_examples():
 def test_scene_labels_and_count_descriptions_match_the_rendered_image():
     import random
 
-    from r3v.tasks.clevr_synth import CELL, CELL_CLASSES, COLORS, GRID, cell_labels, describe_counts
+    from r3v.demo.corpus import CELL_CLASSES, cell_labels, describe_counts
+    from r3v.tasks.clevr_synth import CELL, COLORS, GRID
 
     task = ClevrSynth()
     for index in range(20):

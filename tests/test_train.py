@@ -11,18 +11,18 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from r3v.backends.base import Request, Sampling
 from r3v.backends.hf import HFBackend
-from r3v.collate import OBJECTIVES, CompletionCollator, ItemDataset
+from r3v.config import TrainConfig
 from r3v.models.loading import load_model
+from r3v.models.presets import preset_for_model, reference_preset, tiny_preset
 from r3v.prompts import refine_prompt, select_prompt
-from r3v.records import TrainItem
-from r3v.train import (
+from r3v.records import OBJECTIVES, Request, Sampling, TrainItem
+from r3v.train.data import CompletionCollator, ItemDataset
+from r3v.train.trainer import (
     DONE_FILE,
     LOG_FILE,
     VISION_TOWER_PATTERN,
     NonFiniteLossError,
-    TrainConfig,
     TrainResult,
     objective_token_losses,
     prepare_model,
@@ -270,7 +270,7 @@ def test_nonfinite_values_stop_training_and_keep_the_last_good_checkpoint(
 
 def test_full_fine_tuning_lowers_the_loss_and_saves_a_loadable_model(tiny_qwen, data, tmp_path):
     items, examples = data
-    config = replace(TrainConfig.tiny(), epochs=4, batch_size=4, global_batch=4, logging_steps=4, freeze_vision_tower=False,
+    config = replace(tiny_preset(), epochs=4, batch_size=4, global_batch=4, logging_steps=4, freeze_vision_tower=False,
                      freeze_projector=False)
     result = train(tiny_qwen, items, examples, config, tmp_path)
     assert not result.is_adapter and result.steps == 8
@@ -292,20 +292,20 @@ def test_full_fine_tuning_lowers_the_loss_and_saves_a_loadable_model(tiny_qwen, 
 
 
 def test_config_presets_and_validation():
-    qwen2 = TrainConfig.reference("qwen2-vl")
+    qwen2 = reference_preset("qwen2-vl")
     assert (qwen2.lora, qwen2.lora_r, qwen2.lora_alpha, qwen2.global_batch) == (True, 8, 16, 64)
     assert (qwen2.learning_rate, qwen2.epochs, qwen2.adam_beta2, qwen2.max_length) == (3e-5, 3, 0.98, 2048)
-    assert (TrainConfig.reference("llava").lora_r, TrainConfig.reference("LLaVA-1.5").lora_alpha) == (128, 256)
-    qwen_vl = TrainConfig.reference("qwen-vl")
+    assert (reference_preset("llava").lora_r, reference_preset("LLaVA-1.5").lora_alpha) == (128, 256)
+    qwen_vl = reference_preset("qwen-vl")
     assert (qwen_vl.lora_r, qwen_vl.lora_alpha) == (64, 16) and "c_attn" in qwen_vl.lora_target
-    assert TrainConfig.for_model("tiny-qwen2-vl") == TrainConfig.tiny()
+    assert preset_for_model("tiny-qwen2-vl") == tiny_preset()
     # the built-in base model, by name or as a folder that build_base_model wrote (a rebuild)
-    from r3v.models.base_model import base_model_path
+    from r3v.models.loading import resolve_model
 
-    assert TrainConfig.for_model("r3v-clevr-base") == TrainConfig.for_model(str(base_model_path())) == TrainConfig.tiny()
+    assert preset_for_model("r3v-clevr-base") == preset_for_model(resolve_model("r3v-clevr-base")) == tiny_preset()
     assert TrainConfig.from_dict(qwen2.to_dict()) == qwen2
     with pytest.raises(ValueError, match="unknown model family"):
-        TrainConfig.reference("gpt-2")
+        reference_preset("gpt-2")
     with pytest.raises(ValueError, match="unknown objective"):
         TrainConfig(loss_weights={"dpo": 1.0})
     with pytest.raises(ValueError, match="batch_size=0"):
@@ -319,12 +319,12 @@ def test_config_presets_and_validation():
 def test_the_tiny_preset_freezes_the_image_path_and_trains_the_language_model(name, request):
     from r3v.models.shared_images import ENCODER_PARAMETERS, encoder_is_frozen
 
-    model = prepare_model(load_model(request.getfixturevalue(name)).model, TrainConfig.tiny())
+    model = prepare_model(load_model(request.getfixturevalue(name)).model, tiny_preset())
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and not [n for n in trainable if ENCODER_PARAMETERS.search(n)]
     assert any("language_model" in n for n in trainable) and encoder_is_frozen(model)
     # Only the tower frozen: the projector / merger trains.
-    model = prepare_model(load_model(request.getfixturevalue(name)).model, replace(TrainConfig.tiny(), freeze_projector=False))
+    model = prepare_model(load_model(request.getfixturevalue(name)).model, replace(tiny_preset(), freeze_projector=False))
     projector = [n for n, p in model.named_parameters() if p.requires_grad and ENCODER_PARAMETERS.search(n)]
     assert projector and all(("merger" in n) or ("multi_modal_projector" in n) for n in projector)
 
@@ -387,7 +387,7 @@ def test_auto_batch_size_halves_the_micro_batch_and_keeps_the_global_batch(tiny_
 
 
 def test_gradient_checkpointing_follows_the_model_size_unless_set(tiny_qwen, data, tmp_path, monkeypatch):
-    import r3v.train as training
+    import r3v.train.trainer as training
 
     items, examples = data
     runs = {}
@@ -405,10 +405,10 @@ def test_gradient_checkpointing_follows_the_model_size_unless_set(tiny_qwen, dat
 def test_batch_plan_gives_the_global_batch_for_any_process_count():
     from r3v.train import plan_batch
 
-    reference = TrainConfig.reference("qwen2-vl")
+    reference = reference_preset("qwen2-vl")
     assert [plan_batch(reference, n) for n in (1, 2, 8)] == [(2, 32, 64), (2, 16, 64), (2, 4, 64)]
     assert plan_batch(replace(reference, batch_size=3), 1) == (2, 32, 64)  # a divisor of the step
-    assert plan_batch(TrainConfig.tiny(), 2) == (8, 1, 16)
+    assert plan_batch(tiny_preset(), 2) == (8, 1, 16)
     assert plan_batch(replace(reference, global_batch=None, batch_size=4, grad_accum=3), 2) == (4, 3, 24)
     with pytest.raises(ValueError, match="not a multiple of the 3 training processes"):
         plan_batch(reference, 3)
@@ -427,7 +427,7 @@ def test_a_global_batch_larger_than_the_data_pads_nothing(tiny_qwen, data, tmp_p
     """8 items with R3V's global batch of 64: one step of the 8 items, no label-free copies computed
     (the short last step is padded only to a whole micro-batch per process), and the same update as
     a global batch of 8."""
-    import r3v.train as training
+    import r3v.train.trainer as training
 
     rows = []
 

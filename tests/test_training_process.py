@@ -15,10 +15,10 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from r3v.cli import main
-from r3v.collate import encode_item, end_of_turn
 from r3v.records import TrainItem, read_jsonl
 from r3v.tasks.clevr_synth import ClevrSynth
-from r3v.train import JOB_FILE, TrainJob
+from r3v.train.data import encode_item, end_of_turn
+from r3v.train.job import JOB_FILE, TrainJob
 
 ROOT = Path(__file__).resolve().parents[1]
 # r3v-clevr-base trains fully: one optimizer step of 16 items per epoch (the tiny preset's global batch)

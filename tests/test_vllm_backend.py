@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from r3v.backends.base import Request, Sampling, generate_groups
+from r3v.backends.base import generate_groups
 from r3v.backends.vllm import (
     OPTIONS_ENV,
     VLLMBackend,
@@ -35,6 +35,7 @@ from r3v.backends.vllm import (
     vision_tower_modules,
 )
 from r3v.errors import BackendError, DataError
+from r3v.records import Request, Sampling
 
 STANDIN = Path(__file__).resolve().parent / "vllm_standin"
 LLM_ONLY_TARGETS = r".*language_model.*\.(q_proj|v_proj)"

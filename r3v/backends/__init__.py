@@ -1,7 +1,1 @@
-"""Generation backends. Each module registers one backend on import."""
-
-from r3v.backends import (
-    hf,  # noqa: F401
-    openai,  # noqa: F401
-    vllm,  # noqa: F401
-)
+"""Generation backends: one module per backend, named after it (r3v.registry finds and imports them)."""

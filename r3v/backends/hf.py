@@ -23,15 +23,15 @@ loop does not reproduce) fall back to ``generate`` with ``num_return_sequences``
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from r3v.backends.base import Completion, Request, Sampling
+from r3v.records import Completion, Request, Sampling
 from r3v.registry import backends
+from r3v.seeds import derive_seed
 
 # Finished rows are dropped from the batch once they are at least this share of it: dropping
 # copies the whole cache, so doing it for every single finished row would cost more than it saves.
@@ -39,9 +39,8 @@ COMPACT_FRACTION = 0.25
 
 
 def row_seed(seed: int, request_index: int, sample_index: int) -> int:
-    """A 63-bit seed for one completion, independent of batching."""
-    digest = hashlib.sha256(f"{seed}:{request_index}:{sample_index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+    """A 63-bit seed for one completion, independent of batching (the top 63 of 64 derived bits)."""
+    return derive_seed(seed, request_index, sample_index, bits=64) >> 1
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
@@ -307,8 +306,7 @@ def generate_group(
 
 
 def batch_seed(seed: int, batch_index: int) -> int:
-    digest = hashlib.sha256(f"{seed}:{batch_index}".encode()).digest()
-    return int.from_bytes(digest[:4], "little")
+    return derive_seed(seed, batch_index, bits=32)
 
 
 @backends.register("hf")
@@ -333,7 +331,8 @@ class HFBackend:
         shared_prefill: bool | None = None,
         max_pixels: int | None = None,
     ) -> None:
-        from r3v.models.loading import load_model, set_pixel_cap
+        from r3v.models.loading import load_model
+        from r3v.models.processors import set_pixel_cap
 
         self.loaded = loaded or load_model(
             model, adapter=adapter, device=device, dtype=dtype, trust_remote_code=trust_remote_code,

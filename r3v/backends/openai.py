@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import functools
-import hashlib
 import http.client
 import io
 import json
@@ -38,8 +37,9 @@ from urllib.parse import urlparse
 from PIL import Image
 
 from r3v import errors
-from r3v.backends.base import Completion, Request, Sampling
+from r3v.records import Completion, Request, Sampling
 from r3v.registry import backends
+from r3v.seeds import derive_seed
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -320,8 +320,7 @@ def resolve_base_url(base_url: str | None) -> str:
 
 def request_seed(seed: int, index: int, round_index: int) -> int:
     """A 31-bit seed per (run seed, request, top-up round): servers store seeds as signed ints."""
-    digest = hashlib.sha256(f"{seed}:{index}:{round_index}".encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+    return derive_seed(seed, index, round_index)
 
 
 def image_data_url(image: Image.Image) -> str:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import hashlib
 import itertools
 import json
 import logging
@@ -48,9 +47,10 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
-from r3v.backends.base import Completion, Request, Sampling
 from r3v.errors import BackendError, DataError
+from r3v.records import Completion, Request, Sampling
 from r3v.registry import backends
+from r3v.seeds import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +120,7 @@ def request_seed(seed: int, request_index: int) -> int:
     Each request carries its own seed, so what it samples does not depend on which other
     requests vLLM's scheduler batches it with.
     """
-    digest = hashlib.sha256(f"vllm:{seed}:{request_index}".encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+    return derive_seed("vllm", seed, request_index)
 
 
 def lora_rank_for_vllm(rank: int) -> int:
@@ -430,7 +429,8 @@ class VLLMBackend:
                 "the vllm backend needs vLLM, which runs on CUDA GPUs only: pip install 'r3v[vllm]'"
             ) from exc
 
-        from r3v.models.loading import load_processor, resolve_model
+        from r3v.models.loading import resolve_model
+        from r3v.models.processors import load_processor
 
         given = {
             "tensor_parallel_size": tensor_parallel_size, "data_parallel_size": data_parallel_size,

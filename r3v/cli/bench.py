@@ -22,12 +22,13 @@ from r3v.cli.common import (
     quiet_libraries,
 )
 from r3v.cli.generate import sampling_options
+from r3v.selectors.base import BASELINES, FIRST, MAJORITY, ORACLE, SELF_SELECT
 
 
 @click.command()
 @model_options
 @click.option("--task", "task_name", default="clevr-synth", show_default=True)
-@click.option("--selector", "selector_names", multiple=True, default=("self-select",), show_default=True,
+@click.option("--selector", "selector_names", multiple=True, default=(SELF_SELECT,), show_default=True,
               help="Selector to compare (repeatable; see r3v list). first, majority and oracle always run.")
 @click.option("--n-ladder", default="1,3,5,7", show_default=True,
               help="ks to report, capped at --n (N itself is always reported).")
@@ -55,9 +56,7 @@ def bench(
     Samples are stored in OUT/samples.jsonl and reused by a rerun. Reports Test@1 (first sample),
     majority vote, the chosen selector(s) and the unbiased pass@k upper bound for every k of the ladder.
     """
-    from r3v.backends.base import Sampling
     from r3v.bench import (
-        BASELINE_SELECTORS,
         BenchConfig,
         MissingExtraError,
         default_out_dir,
@@ -65,6 +64,7 @@ def bench(
         run_bench,
     )
     from r3v.metrics import parse_ladder
+    from r3v.records import Sampling
     from r3v.registry import selectors
 
     quiet_libraries()
@@ -79,7 +79,7 @@ def bench(
     for name in selector_names:
         selectors.get(name)  # an unknown name fails here, before any model is loaded
     chosen = list(dict.fromkeys(selector_names))
-    names = ["first", "majority", *[s for s in chosen if s not in BASELINE_SELECTORS], "oracle"]
+    names = [FIRST, MAJORITY, *[s for s in chosen if s not in BASELINES], ORACLE]
     names += [s for s in chosen if s not in names]
 
     sampling = Sampling(n=n, temperature=temperature, top_p=top_p, top_k=top_k,

@@ -61,8 +61,8 @@ def generate(
 
     Rerunning the same command resumes: only missing samples are generated.
     """
-    from r3v.backends.base import Sampling
     from r3v.metrics import summarize_samples
+    from r3v.records import Sampling
     from r3v.store import SampleStore, Shard, sample_examples
 
     quiet_libraries()

@@ -1,8 +1,13 @@
-"""``r3v train``: the R3V self-training loop (warm-up, then N iterations of sample → build → train → evaluate)."""
+"""``r3v train``: the R3V self-training loop (warm-up, then N iterations of sample → build → train → evaluate).
+
+The run's settings are ``r3v.config.LoopConfig``: its defaults, then what the base model's folder
+recommends, then ``--config FILE.yaml``, then the flags below, then ``KEY=VALUE`` arguments (a
+field's dotted path, e.g. ``train.learning_rate=1e-4``). Each flag is a shortcut for one key.
+"""
 
 from __future__ import annotations
 
-import importlib.util
+import json
 import warnings
 from pathlib import Path
 
@@ -23,15 +28,10 @@ from r3v.cli.common import (
     parse_task_args,
     quiet_libraries,
 )
+from r3v.config import LoopConfig, TrainConfig, nested, parse_override
 
-FALLBACK_MODEL = "tiny-qwen2-vl"
-BUILT_IN_BASE = "r3v-clevr-base"
-BUILT_IN_MODELS = (BUILT_IN_BASE, "tiny-qwen2-vl", "tiny-llava")
-
-
-def default_model() -> str:
-    """The built-in clevr-synth base model when this install has it, else the tiny test model."""
-    return BUILT_IN_BASE if importlib.util.find_spec("r3v.models.base_model") is not None else FALLBACK_MODEL
+DEFAULTS = LoopConfig()
+TRAIN_DEFAULTS = TrainConfig()
 
 
 def parse_sizes(text: str) -> tuple[int, ...]:
@@ -55,55 +55,80 @@ def method_name(method: str, no_refine: bool, no_select: bool) -> str:
     return "r3v"
 
 
+#: Flags that set one config key each: (parameter name, dotted key).
+FLAG_KEYS = (
+    ("iterations", "iterations"), ("model", "model"), ("task_name", "task.name"), ("data_dir", "task.data_dir"),
+    ("train_limit", "task.train_limit"), ("test_limit", "task.test_limit"), ("from_base", "from_base"),
+    ("warmup_file", "warmup.file"), ("image_root", "warmup.image_root"), ("teacher_count", "warmup.teacher_count"),
+    ("seed", "seed"), ("samples_per_iteration", "sampling.n"), ("temperature", "sampling.temperature"),
+    ("top_p", "sampling.top_p"), ("top_k", "sampling.top_k"), ("max_new_tokens", "sampling.max_new_tokens"),
+    ("eval_samples", "eval.samples"), ("eval_max_new_tokens", "eval.max_new_tokens"),
+    ("select_target", "build.select_target"), ("check_equations", "build.check_equations"), ("preset", "train_preset"),
+    ("epochs", "train.epochs"), ("learning_rate", "train.learning_rate"), ("global_batch", "train.global_batch"),
+    ("batch_size", "train.batch_size"), ("grad_accum", "train.grad_accum"),
+    ("gradient_checkpointing", "train.gradient_checkpointing"), ("dataloader_workers", "train.dataloader_workers"),
+    ("report_to", "train.report_to"), ("lora", "train.lora"), ("lora_r", "train.lora_r"),
+    ("lora_alpha", "train.lora_alpha"), ("max_length", "train.max_length"), ("max_pixels", "train.max_pixels"),
+    ("training_process", "launch.process"), ("num_processes", "launch.num_processes"),
+    ("accelerate_config", "launch.accelerate_config"), ("chunk_size", "backend.chunk_size"),
+    ("engine_batch", "backend.engine_batch"), ("backend_name", "backend.name"),
+)
+
+
 @click.command()
-@click.option("--iterations", default=3, show_default=True, type=click.IntRange(min=0),
-              help="Self-training iterations after the warm-up (iteration 0). Raise it to extend a finished run.")
-@click.option("--model", default=None, help=f"Base model: hub id, folder or built-in name [default: {BUILT_IN_BASE} "
-              f"when installed, else {FALLBACK_MODEL}].")
-@click.option("--task", "task_name", default="clevr-synth", show_default=True)
+@click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
+@click.option("--config", "config_file", default=None, metavar="FILE|NAME",
+              help="A YAML file of settings, or a config r3v ships (demo, reference/qwen2-vl-7b-geoqa, ...); "
+                   "flags and KEY=VALUE arguments override it.")
+@click.option("--iterations", default=None, type=click.IntRange(min=0),
+              help=f"Self-training iterations after the warm-up; raise it to extend a run [default: {DEFAULTS.iterations}].")
+@click.option("--model", default=None, help=f"Base model: hub id, folder or built-in name [default: {DEFAULTS.model}].")
+@click.option("--task", "task_name", default=None, help=f"Task (r3v list) [default: {DEFAULTS.task.name}].")
 @data_options
-@click.option("--method", type=click.Choice(["r3v", "star"]), default="r3v", show_default=True,
-              help="r3v: self-CoT + self-refine + self-select; star: self-CoT only.")
+@click.option("--method", type=click.Choice(["r3v", "star"]), default=None,
+              help="r3v: self-CoT + self-refine + self-select; star: self-CoT only [default: r3v].")
 @click.option("--no-refine", is_flag=True, help="Ablation: leave out self-refine.")
 @click.option("--no-select", is_flag=True, help="Ablation: leave out self-select.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Run directory [default: runs/<task>-<method>]. Rerun the same command to resume.")
 @click.option("--train-limit", type=click.IntRange(min=1), default=None, help="Use only the first K train questions.")
 @click.option("--test-limit", type=click.IntRange(min=1), default=None, help="Use only the first K test questions.")
-@click.option("--from-base/--continue", "from_base", default=True, show_default=True,
-              help="Train each iteration from the base model (R3V) or from the previous iteration's weights.")
+@click.option("--from-base/--continue", "from_base", default=None,
+              help="Train each iteration from the base model (R3V, default) or from the previous iteration's weights.")
 @click.option("--warmup-file", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Distilled CoT: R3V warm-up JSON or `r3v distill` JSONL [default: the task's teacher, if any].")
 @click.option("--image-root", type=click.Path(file_okay=False), default=None,
               help="Folder of the images an R3V warm-up JSON names [default: the file's folder].")
-@click.option("--teacher-count", default=200, show_default=True, type=click.IntRange(min=0),
-              help="Without --warmup-file: questions the task's programmatic teacher writes CoT for.")
-@click.option("--skip-warmup-train", is_flag=True,
+@click.option("--teacher-count", default=None, type=click.IntRange(min=0),
+              help=f"Without --warmup-file: questions the task's teacher writes CoT for [default: {DEFAULTS.warmup.teacher_count}].")
+@click.option("--skip-warmup-train", is_flag=True, default=None,
               help="Use the base model as iteration 0 (already able to reason); warm-up data still joins later mixtures.")
-@click.option("--seed", default=0, show_default=True, help="Seeds every random choice of the run.")
-@click.option("--samples-per-iteration", default=3, show_default=True, type=click.IntRange(min=1),
-              help="Samples per train question drawn by each iteration's model.")
-@click.option("--temperature", default=0.9, show_default=True)
-@click.option("--top-p", default=0.95, show_default=True)
-@click.option("--top-k", default=50, show_default=True)
+@click.option("--seed", default=None, type=int, help=f"Seeds every random choice of the run [default: {DEFAULTS.seed}].")
+@click.option("--samples-per-iteration", default=None, type=click.IntRange(min=1),
+              help=f"Samples per train question drawn by each iteration's model [default: {DEFAULTS.sampling.n}].")
+@click.option("--temperature", default=None, type=float, help=f"[default: {DEFAULTS.sampling.temperature}]")
+@click.option("--top-p", default=None, type=float, help=f"[default: {DEFAULTS.sampling.top_p}]")
+@click.option("--top-k", default=None, type=int, help=f"[default: {DEFAULTS.sampling.top_k}]")
 @click.option("--max-new-tokens", default=None, type=click.IntRange(min=1),
-              help="Token limit per sampled rationale [default: 384, R3V's; 64 for the built-in tiny models].")
-@click.option("--eval-samples", default=3, show_default=True, type=click.IntRange(min=0),
-              help="Candidates per test question for self-select (0: Test@1 only).")
+              help=f"Token limit per sampled rationale [default: the model's own, else {DEFAULTS.sampling.max_new_tokens}].")
+@click.option("--eval-samples", default=None, type=click.IntRange(min=0),
+              help=f"Candidates per test question for self-select (0: Test@1 only) [default: {DEFAULTS.eval.samples}].")
 @click.option("--eval-max-new-tokens", type=click.IntRange(min=1), default=None,
               help="Token limit at evaluation [default: --max-new-tokens].")
-@click.option("--select-target", type=click.Choice(["answer", "solution"]), default="answer", show_default=True,
-              help="Self-select target: the answer line (official code) or the chosen solution (paper figure).")
-@click.option("--select-sizes", default="3", show_default=True,
-              help="Candidates per self-select item, e.g. 3 (R3V) or 2,3,4,5,6 (for test-time scaling).")
-@click.option("--check-equations/--no-check-equations", default=False, show_default=True,
-              help="Use a right-answer sample as a positive only if every `a + b = c` step in it holds.")
-@click.option("--epochs", type=float, default=None, help="Training epochs [default: the trainer preset].")
-@click.option("--lr", "learning_rate", type=float, default=None, help="Learning rate [default: the trainer preset].")
+@click.option("--select-target", type=click.Choice(["answer", "solution"]), default=None,
+              help="Self-select target: the answer line (official code, default) or the chosen solution (paper figure).")
+@click.option("--select-sizes", default=None,
+              help="Candidates per self-select item, e.g. 3 (R3V, default) or 2,3,4,5,6 (for test-time scaling).")
+@click.option("--check-equations/--no-check-equations", default=None,
+              help="Use a right-answer sample as a positive only if every `a + b = c` step in it holds [default: off].")
+@click.option("--preset", type=click.Choice(["auto", "tiny", "default", "qwen-vl", "llava", "qwen2-vl"]), default=None,
+              help="Trainer preset the training flags override [default: auto: the model folder's, else its family's].")
+@click.option("--epochs", type=float, default=None, help="Training epochs [default: the preset's].")
+@click.option("--lr", "learning_rate", type=float, default=None, help="Learning rate [default: the preset's].")
 @click.option("--global-batch", type=click.IntRange(min=1), default=None,
-              help="Items per optimizer step over all devices [default: the preset's; R3V: 64].")
+              help=f"Items per optimizer step over all devices [default: the preset's; R3V: {TRAIN_DEFAULTS.global_batch}].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
-              help="Most items per device per micro-batch [default: the preset's; R3V: 2].")
+              help=f"Most items per device per micro-batch [default: the preset's; R3V: {TRAIN_DEFAULTS.batch_size}].")
 @click.option("--grad-accum", type=click.IntRange(min=1), default=None,
               help="Micro-batches per optimizer step, instead of a global batch.")
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None,
@@ -114,96 +139,76 @@ def method_name(method: str, no_refine: bool, no_select: bool) -> str:
               help="Processes that load and encode training images [default: 0, in the training process].")
 @click.option("--report-to", default=None, metavar="NAMES",
               help="Trackers, comma-separated: tensorboard, wandb, ... (training curves and each iteration's metrics).")
-@click.option("--training-process", type=click.Choice(["auto", "separate", "inline", "external"]), default="auto",
-              show_default=True,
-              help="Train in a process of its own (frees all its memory on exit); auto: when a GPU is used or "
-                   "--num-processes > 1; external: write each iteration's job and wait for it to be run elsewhere "
-                   "(several nodes).")
-@click.option("--num-processes", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Training processes, e.g. one per GPU (accelerate launch).")
-@click.option("--accelerate-config", type=click.Path(dir_okay=False, exists=True), default=None,
-              help="accelerate config for training: configs/accelerate/{ddp,zero2,zero3,fsdp}.yaml.")
+@click.option("--training-process", type=click.Choice(["auto", "separate", "inline", "external"]), default=None,
+              help="Train in a process of its own (frees all its memory on exit); auto (default): when a GPU is used "
+                   "or --num-processes > 1; external: write each iteration's job and wait for it to be run elsewhere.")
+@click.option("--num-processes", type=click.IntRange(min=1), default=None,
+              help="Training processes, e.g. one per GPU (accelerate launch) [default: 1].")
+@click.option("--accelerate-config", default=None, metavar="FILE|NAME",
+              help="accelerate config for training: a file, or ddp, zero2, zero3, fsdp (r3v/configs/accelerate).")
 @click.option("--lora/--full", "lora", default=None, help="LoRA on the language model, or full fine-tuning [default: preset].")
 @click.option("--lora-r", type=click.IntRange(min=1), default=None)
 @click.option("--lora-alpha", type=click.IntRange(min=1), default=None)
 @click.option("--max-length", type=click.IntRange(min=16), default=None, help="Token limit per training item.")
-@click.option("--chunk-size", default=32, show_default=True, type=click.IntRange(min=1),
-              help="Questions per generate call (and per resume unit).")
-@click.option("--backend", "backend_name", default="hf", show_default=True, help="Generation backend (see r3v list).")
+@click.option("--chunk-size", default=None, type=click.IntRange(min=1),
+              help=f"Questions per resume unit of the sample stores [default: {DEFAULTS.backend.chunk_size}].")
+@click.option("--backend", "backend_name", default=None, help=f"Generation backend (r3v list) [default: {DEFAULTS.backend.name}].")
 @click.option("--device", default=None, help="Device for generation, e.g. cuda:0 [default: cuda if available].")
 @engine_options
-@click.option("--trust-remote-code", is_flag=True, help="Allow model code from the hub (off by default).")
+@click.option("--trust-remote-code", is_flag=True, default=None, help="Allow model code from the hub (off by default).")
 @friendly_errors
-def train(
-    iterations, model, task_name, data_dir, skip_bad, allow_outside_paths, task_args, method, no_refine, no_select,
-    out_dir, train_limit, test_limit, from_base, warmup_file, image_root, teacher_count, skip_warmup_train, seed, samples_per_iteration,
-    temperature, top_p, top_k, max_new_tokens, eval_samples, eval_max_new_tokens, select_target, select_sizes,
-    check_equations, epochs, learning_rate, global_batch, batch_size, grad_accum, gradient_checkpointing, auto_batch_size,
-    dataloader_workers, report_to, training_process, num_processes, accelerate_config, lora, lora_r, lora_alpha,
-    max_length, chunk_size, backend_name, device, tensor_parallel_size, data_parallel_size, max_model_len,
-    gpu_memory_utilization, max_num_seqs, max_lora_rank, max_pixels, engine_batch, trust_remote_code,
-):
+def train(overrides, config_file, method, no_refine, no_select, out_dir, select_sizes, task_args, device,
+          tensor_parallel_size, data_parallel_size, max_model_len, gpu_memory_utilization, max_num_seqs,
+          max_lora_rank, trust_remote_code, **flags):
     """Run the R3V self-training loop: a warm-up (iteration 0), then N iterations of
     sample → build (self-CoT, self-refine, self-select) → train → evaluate.
 
     Every phase is resumable: rerun the same command after an interruption to continue.
     Results go to RUN_DIR/metrics.jsonl (one line per iteration) and a summary table.
     """
-    from dataclasses import replace
-
-    from r3v.backends.base import Sampling
-    from r3v.builders import BuildConfig
-    from r3v.loop import LoopConfig, run_loop
-    from r3v.train import TrainConfig
+    from r3v.loop import resolve_config, run_loop
 
     quiet_libraries()
     # transformers' v6 deprecation notices fire on every model load; users cannot act on them
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
-    model = model or default_model()
-    parsed_task_args = parse_task_args(task_args)
-    task = make_task(task_name, parsed_task_args, skip_bad=skip_bad, allow_outside_paths=allow_outside_paths)
-    sizes = parse_sizes(select_sizes)
-    preset = method_name(method, no_refine, no_select)
-    build = BuildConfig.preset(preset, select_sizes=sizes, select_target=select_target, check_equations=check_equations,
-                               seed=seed)
-    overrides = {
-        "epochs": epochs, "learning_rate": learning_rate, "global_batch": global_batch, "batch_size": batch_size,
-        "grad_accum": grad_accum, "gradient_checkpointing": gradient_checkpointing, "auto_batch_size": auto_batch_size,
-        "dataloader_workers": dataloader_workers, "report_to": report_to, "max_pixels": max_pixels,
-        "lora": lora, "lora_r": lora_r, "lora_alpha": lora_alpha, "max_length": max_length,
-        "trust_remote_code": trust_remote_code or None,
-    }
-    if grad_accum is not None and global_batch is not None:
-        raise click.UsageError("give --global-batch or --grad-accum, not both")
-    train_config = TrainConfig.for_model(model)
-    if grad_accum is not None:  # an explicit accumulation replaces the preset's global batch
-        train_config = replace(train_config, global_batch=None)
-    train_config = TrainConfig.from_dict({**train_config.to_dict(), **{k: v for k, v in overrides.items() if v is not None}})
-    backend_options = engine_settings(
-        tensor_parallel_size=tensor_parallel_size, data_parallel_size=data_parallel_size, max_model_len=max_model_len,
-        gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs, max_lora_rank=max_lora_rank,
-        max_pixels=max_pixels,
-    )
+    layers = [_read_config_file(config_file)] if config_file else []
+    given = [nested(key.split("."), flags[name]) for name, key in FLAG_KEYS if flags.get(name) is not None]
+    if flags.get("skip_bad"):
+        given.append({"task": {"skip_bad": True}})
+    if flags.get("allow_outside_paths"):
+        given.append({"task": {"allow_outside_paths": True}})
+    if task_args:
+        given.append({"task": {"args": parse_task_args(task_args)}})
+    if flags.get("skip_warmup_train"):
+        given.append({"warmup": {"skip_training": True}})
+    if method or no_refine or no_select:
+        given.append({"build": {"method": method_name(method or "r3v", no_refine, no_select)}})
+    if select_sizes:
+        given.append({"build": {"select_sizes": list(parse_sizes(select_sizes))}})
+    if flags.get("auto_batch_size"):
+        given.append({"train": {"auto_batch_size": True}})
+    if trust_remote_code:
+        given.append({"backend": {"trust_remote_code": True}, "train": {"trust_remote_code": True}})
+    engine = engine_settings(tensor_parallel_size=tensor_parallel_size, data_parallel_size=data_parallel_size,
+                             max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
+                             max_num_seqs=max_num_seqs, max_lora_rank=max_lora_rank)
     if device:
-        backend_options["device"] = device
-    check_backend_options(backend_name, backend_options)
-    if max_new_tokens is None:
-        # clevr-synth rationales are about 30 tokens; a tiny model's 384-token rambles only cost time
-        max_new_tokens = 64 if model in BUILT_IN_MODELS else 384
-    sampling = Sampling(n=samples_per_iteration, temperature=temperature, top_p=top_p, top_k=top_k,
-                        max_new_tokens=max_new_tokens, seed=seed)
-    config = LoopConfig(
-        model=model, task=task_name, iterations=iterations, build=build, train=train_config, from_base=from_base,
-        train_limit=train_limit, test_limit=test_limit, data_dir=data_dir, task_args=parsed_task_args,
-        skip_bad=skip_bad, warmup_file=warmup_file,
-        image_root=image_root, allow_outside_paths=allow_outside_paths, teacher_count=teacher_count,
-        skip_warmup_train=skip_warmup_train, sampling=sampling, eval_samples=eval_samples,
-        eval_max_new_tokens=eval_max_new_tokens, chunk_size=chunk_size, engine_batch=engine_batch, seed=seed,
-        backend=backend_name, backend_options=backend_options, trust_remote_code=trust_remote_code,
-        training_process=training_process, num_processes=num_processes, accelerate_config=accelerate_config,
-    )
-    out = Path(out_dir) if out_dir else Path("runs") / f"{task_name}-{preset}"
-    console.print(f"[bold]r3v train[/] {preset} on {task_name} with {model}: iterations 0..{iterations} -> {out}")
+        engine["device"] = device
+    if engine:
+        given.append({"backend": {"options": engine}})
+    if flags.get("grad_accum") is not None and flags.get("global_batch") is not None:
+        raise click.UsageError("give --global-batch or --grad-accum, not both")
+    try:
+        parsed = [nested(*parse_override(text)) for text in overrides]
+        config = resolve_config(*layers, *given, *parsed)
+    except (TypeError, ValueError) as exc:
+        raise click.UsageError(str(exc)) from exc
+    check_backend_options(config.backend.name, config.backend.options)
+    spec = config.task
+    task = make_task(spec.name, spec.args, skip_bad=spec.skip_bad, allow_outside_paths=spec.allow_outside_paths)
+    out = Path(out_dir) if out_dir else Path("runs") / f"{spec.name}-{config.build.method}"
+    console.print(f"[bold]r3v train[/] {config.build.method} on {spec.name} with {config.model}: "
+                  f"iterations 0..{config.iterations} -> {out}")
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as bars:
@@ -217,11 +222,28 @@ def train(
         rows = run_loop(config, out, log=console.print, progress=progress, task=task)
 
     stdout = Console()
-    stdout.print(results_table(rows, eval_samples))
-    timing = timing_table(out)
-    if timing is not None:
-        stdout.print(timing)
-    stdout.print(f"metrics: {out / 'metrics.jsonl'}   timing: {out / 'timing.json'}")
+    for table in (results_table(rows, config.eval.samples), training_table(rows), timing_table(out)):
+        if table is not None:
+            stdout.print(table)
+    stdout.print(f"metrics: {out / 'metrics.jsonl'}\ntiming: {out / 'timing.json'}")
+
+
+def _read_config_file(name: str) -> dict:
+    import yaml
+
+    from r3v.config import config_file
+
+    try:
+        path = config_file(name)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--config") from exc
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise click.BadParameter(f"{path} is not valid YAML: {exc}", param_hint="--config") from exc
+    if not isinstance(data, dict):
+        raise click.BadParameter(f"{path} must hold a mapping of settings", param_hint="--config")
+    return data
 
 
 def _percent(value) -> str:
@@ -229,16 +251,14 @@ def _percent(value) -> str:
 
 
 def results_table(rows: list[dict], eval_samples: int) -> Table:
+    """Accuracy per iteration (fits 80 columns)."""
     n = eval_samples
-    table = Table(title="R3V iterations (accuracy %)", box=box.SIMPLE_HEAD, pad_edge=False,
-                  caption=f"sel/maj: self-select/majority over {n} test samples; train pass: of the iteration's samples; "
-                          "too long: items over max_length, skipped/cut")
-    for name in ("iter", "Test@1", f"sel@{n}", f"maj@{n}", f"pass@{n}", "train\npass", "items\ncot/ref/sel",
-                 "loss\nsft/ref/sel", "too\nlong"):
+    table = Table(title="R3V iterations: accuracy (%)", box=box.SIMPLE_HEAD, pad_edge=False,
+                  caption=f"sel/maj/pass: self-select, majority vote and any-right over {n} test samples; "
+                          "train pass: any of the iteration's train samples right")
+    for name in ("iter", "Test@1", f"sel@{n}", f"maj@{n}", f"pass@{n}", "train pass"):
         table.add_column(name, justify="right")
     for row in rows:
-        items = row["items"]
-        losses = row.get("train_losses") or {}
         table.add_row(
             str(row["iteration"]),
             _percent(row["test_accuracy"]),
@@ -246,16 +266,30 @@ def results_table(rows: list[dict], eval_samples: int) -> Table:
             _percent(row.get("majority_accuracy")),
             _percent(row.get("pass_at_n")),
             _percent((row.get("train_samples") or {}).get("pass_at_n")),
-            "/".join(str(items.get(kind, 0)) for kind in ("cot", "refine", "select")),
-            "/".join("-" if losses.get(o) is None else f"{losses[o]:.2f}" for o in ("sft", "refine", "select")),
-            "/".join(str(sum((row.get("over_length") or {}).get(what, {}).values())) for what in ("skipped", "truncated")),
+        )
+    return table
+
+
+def training_table(rows: list[dict]) -> Table:
+    """What each iteration trained on (fits 80 columns)."""
+    table = Table(title="R3V iterations: training", box=box.SIMPLE_HEAD, pad_edge=False,
+                  caption="too long: items over max_length, skipped / cut")
+    for name in ("iter", "cot", "refine", "select", "loss sft", "loss ref", "loss sel", "steps", "too long"):
+        table.add_column(name, justify="right")
+    for row in rows:
+        items, losses = row["items"], row.get("train_losses") or {}
+        over = row.get("over_length") or {}
+        table.add_row(
+            str(row["iteration"]),
+            *(str(items.get(kind, 0)) for kind in ("cot", "refine", "select")),
+            *("-" if losses.get(o) is None else f"{losses[o]:.3f}" for o in ("sft", "refine", "select")),
+            str(row.get("train_steps", 0)),
+            "/".join(str(sum(over.get(what, {}).values())) for what in ("skipped", "truncated")),
         )
     return table
 
 
 def timing_table(out: Path) -> Table | None:
-    import json
-
     path = out / "timing.json"
     if not path.exists():
         return None

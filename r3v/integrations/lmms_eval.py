@@ -24,9 +24,8 @@ except ImportError as exc:  # keep the hint: lmms-eval is an optional extra
         "r3v's lmms-eval model needs lmms-eval: pip install 'r3v[lmms]' (or the lean install in docs/gpu.md)"
     ) from exc
 
-from r3v.backends.base import Completion, Request, Sampling
-from r3v.records import Example, Sample, load_image
-from r3v.store import chunk_seed
+from r3v.records import Completion, Example, Request, Sample, Sampling, load_image
+from r3v.seeds import stride_seed
 
 #: Doc fields (lmms-eval datasets and r3v exports) that hold the bare question and the gold answer.
 _QUESTION_FIELDS = ("question", "query", "problem")
@@ -181,7 +180,7 @@ class R3VLmms(lmms):
         candidates: dict[str, list[Sample]] = {}
         for start in range(0, len(examples), self.chunk_size):
             chunk = range(start, min(start + self.chunk_size, len(examples)))
-            sampling = Sampling(**{**self.sampling.to_dict(), "seed": chunk_seed(self.seed, start // self.chunk_size)})
+            sampling = Sampling(**{**self.sampling.to_dict(), "seed": stride_seed(self.seed, start // self.chunk_size)})
             outputs = self.backend.generate([prompts[i] for i in chunk], sampling)
             for i, completions in zip(chunk, outputs, strict=True):
                 candidates[examples[i].id] = [

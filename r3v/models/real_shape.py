@@ -312,7 +312,7 @@ def build_real_shape_model(name_or_config: str | Path, out: str | Path, seed: in
 
 
 def _save_processor(path: Path, tokenizer, image_processor) -> None:
-    from r3v.models.loading import Qwen2VLProcessorNoVideo
+    from r3v.models.processors import Qwen2VLProcessorNoVideo
     from r3v.models.tiny import CHAT_TEMPLATE
 
     # ChatML turns with Qwen's image placeholder, as the tiny models write (no default system turn)

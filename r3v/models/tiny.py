@@ -35,7 +35,11 @@ CHAT_TEMPLATE = (
 )
 
 TINY_MODELS = ("tiny-qwen2-vl", "tiny-llava")
-BUILD_VERSION = "1"
+#: What the built-in models recommend for an ``r3v train`` run (``r3v.json``, see
+#: ``r3v.models.presets``): the tiny trainer preset, and a 64-token limit (clevr-synth rationales
+#: are about 30 tokens; a tiny model's longer rambles only cost time).
+BUILT_IN_SETTINGS = {"train_preset": "tiny", "sampling": {"max_new_tokens": 64}}
+BUILD_VERSION = "2"
 
 
 def cache_root() -> Path:
@@ -70,6 +74,7 @@ def build_tiny_model(name: str, path: str | Path, seed: int = 0) -> Path:
         else:
             _build_llava(tmp)
         (tmp / "r3v_tiny.json").write_text(json.dumps({"name": name, "seed": seed, "version": BUILD_VERSION}))
+        (tmp / "r3v.json").write_text(json.dumps(BUILT_IN_SETTINGS))
     return path
 
 
@@ -175,7 +180,7 @@ def qwen2_vl_model(
 
 def save_qwen2_vl(path: Path, model, tokenizer, image_processor) -> None:
     """Save model and processor (ChatML template, Qwen's image placeholder) with ``save_pretrained``."""
-    from r3v.models.loading import Qwen2VLProcessorNoVideo
+    from r3v.models.processors import Qwen2VLProcessorNoVideo
 
     template = CHAT_TEMPLATE.replace("IMAGE_PLACEHOLDER", "<|vision_start|><|image_pad|><|vision_end|>")
     processor = Qwen2VLProcessorNoVideo(image_processor=image_processor, tokenizer=tokenizer, chat_template=template)

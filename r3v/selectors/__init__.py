@@ -1,3 +1,1 @@
-"""Test-time selectors. Each module registers one selector on import."""
-
-from r3v.selectors import first, majority, oracle, self_select  # noqa: F401
+"""Test-time selectors: one module per selector, named after it (r3v.registry finds and imports them)."""

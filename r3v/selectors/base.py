@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from r3v.records import Example, Sample
+from r3v.records import Choice, Example, Sample
 
-
-@dataclass
-class Choice:
-    """The answer a selector picked (None when no candidate has one), and how it got there."""
-
-    answer: str | None
-    correct: bool
-    #: "model" (the model chose), "skipped" (all candidates agreed, no model call),
-    #: "fallback" (model output unparseable, majority vote used), or "rule" (no model involved).
-    how: str = "rule"
-    raw_output: str | None = None
+#: The built-in selectors' names (their modules: first.py, majority.py, self_select.py, oracle.py).
+FIRST, MAJORITY, SELF_SELECT, ORACLE = "first", "majority", "self-select", "oracle"
+#: Every built-in selector, in the order results report them.
+ALL = (FIRST, MAJORITY, SELF_SELECT, ORACLE)
+#: Selectors every comparison reports beside the chosen ones: Test@1, majority vote and the pass@N
+#: bound. None of them calls the model.
+BASELINES = (FIRST, MAJORITY, ORACLE)
+#: The short name of each built-in selector's metric (``maj@k``); any other selector ``x`` is ``x@k``.
+METRIC_PREFIX = {FIRST: "first", MAJORITY: "maj", SELF_SELECT: "sel", ORACLE: "oracle"}
 
 
 @runtime_checkable

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from r3v.records import Example, Sample
+from r3v.records import Choice, Example, Sample
 from r3v.registry import selectors
-from r3v.selectors.base import Choice
+from r3v.selectors.base import FIRST
 
 
-@selectors.register("first")
+@selectors.register(FIRST)
 class FirstSelector:
     """Test@1: keep the first candidate's answer (no model call)."""
 
-    name = "first"
+    name = FIRST
 
     def select(self, task: Any, example: Example, candidates: list[Sample], backend: Any | None = None) -> Choice:
         if not candidates:

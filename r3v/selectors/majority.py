@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from r3v.records import Example, Sample
+from r3v.records import Choice, Example, Sample
 from r3v.registry import selectors
-from r3v.selectors.base import Choice
+from r3v.selectors.base import MAJORITY
 
 
 def majority_vote(task: Any, example: Example, candidates: list[Sample]) -> Sample | None:
@@ -32,11 +32,11 @@ def majority_vote(task: Any, example: Example, candidates: list[Sample]) -> Samp
     return first_of[winner]
 
 
-@selectors.register("majority")
+@selectors.register(MAJORITY)
 class MajoritySelector:
     """Majority vote over normalised answers; ties go to the answer seen first."""
 
-    name = "majority"
+    name = MAJORITY
 
     def select(self, task: Any, example: Example, candidates: list[Sample], backend: Any | None = None) -> Choice:
         winner = majority_vote(task, example, candidates)

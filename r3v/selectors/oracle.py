@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from r3v.records import Example, Sample
+from r3v.records import Choice, Example, Sample
 from r3v.registry import selectors
-from r3v.selectors.base import Choice
+from r3v.selectors.base import ORACLE
 
 
-@selectors.register("oracle")
+@selectors.register(ORACLE)
 class OracleSelector:
     """Upper bound (pass@N): correct if any candidate is correct; uses the gold verdicts."""
 
-    name = "oracle"
+    name = ORACLE
 
     def select(self, task: Any, example: Example, candidates: list[Sample], backend: Any | None = None) -> Choice:
         for candidate in candidates:

@@ -14,30 +14,22 @@ Two shortcuts, both counted:
 
 from __future__ import annotations
 
-import hashlib
-import random
 from collections.abc import Sequence
 from typing import Any
 
-from r3v.backends.base import Request, Sampling
 from r3v.prompts import select_prompt
-from r3v.records import Example, Sample
+from r3v.records import Choice, Example, Request, Sample, Sampling
 from r3v.registry import selectors
-from r3v.selectors.base import Choice
+from r3v.seeds import seeded_rng
+from r3v.selectors.base import SELF_SELECT
 from r3v.selectors.majority import majority_vote
 
 
-def shuffle_seed(seed: int, example_id: str) -> int:
-    """A per-question seed that does not depend on Python's salted ``hash``."""
-    digest = hashlib.sha256(f"{seed}:{example_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "little")
-
-
-@selectors.register("self-select")
+@selectors.register(SELF_SELECT)
 class SelfSelectSelector:
     """R3V self-select: the model picks among shuffled candidates (one greedy call; skips when all agree)."""
 
-    name = "self-select"
+    name = SELF_SELECT
 
     def __init__(self, seed: int = 0, skip_when_agree: bool = True, max_new_tokens: int = 512) -> None:
         self.seed = seed
@@ -48,7 +40,7 @@ class SelfSelectSelector:
 
     def shuffled(self, example: Example, candidates: Sequence[Sample]) -> list[Sample]:
         order = list(candidates)
-        random.Random(shuffle_seed(self.seed, example.id)).shuffle(order)
+        seeded_rng(self.seed, example.id).shuffle(order)
         return order
 
     def prompt(self, task: Any, example: Example, candidates: Sequence[Sample]) -> str:

@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw
 
 from r3v.records import Example
 from r3v.registry import tasks
+from r3v.seeds import stride_seed
 
 COLORS = {"red": (220, 40, 40), "blue": (40, 80, 220), "green": (40, 170, 60), "yellow": (230, 200, 30)}
 SHAPES = ("square", "circle")
@@ -45,27 +46,6 @@ def make_scene(rng: random.Random) -> Scene:
     n = rng.randint(2, 8)
     cells = rng.sample(range(GRID * GRID), n)
     return Scene(tuple((cell, rng.choice(list(COLORS)), rng.choice(SHAPES)) for cell in sorted(cells)))
-
-
-def cell_labels(scene: Scene) -> list[int]:
-    """One class per grid cell, row by row: 0 for empty, else 1 + colour index * 2 + shape index."""
-    labels = [0] * (GRID * GRID)
-    for cell, color, shape in scene.objects:
-        labels[cell] = 1 + list(COLORS).index(color) * len(SHAPES) + SHAPES.index(shape)
-    return labels
-
-
-CELL_CLASSES = 1 + len(COLORS) * len(SHAPES)
-
-
-def describe_counts(scene: Scene, rng: random.Random) -> tuple[str, str]:
-    """A counting request about a scene and its answer, in the sentences the rationales use."""
-    color = rng.choice([c for _, c, _ in scene.objects])
-    shape = rng.choice(SHAPES)
-    request = f"Count all objects, the {color} objects and the {shape}s."
-    answer = (f"There are {len(scene.objects)} objects. There are {scene.count(color=color)} {color} objects. "
-              f"There are {scene.count(shape=shape)} {shape}s.")
-    return request, answer
 
 
 def render(scene: Scene) -> Image.Image:
@@ -139,7 +119,7 @@ class ClevrSynth:
         return make_scene(self._rng(split, index))
 
     def _rng(self, split: str, index: int) -> random.Random:
-        return random.Random(self.seed * 7_919 + SPLIT_OFFSET[split] + index)
+        return random.Random(stride_seed(self.seed, SPLIT_OFFSET[split] + index, stride=7_919))
 
     def example(self, split: str, index: int) -> Example:
         rng = self._rng(split, index)

@@ -20,18 +20,16 @@ training with ``NonFiniteLossError`` before the bad update, so the checkpoints o
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import gc
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,11 +38,12 @@ import torch
 import torch.nn.functional as F
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
-from r3v.collate import OBJECTIVES, PADDING_KEY, CompletionCollator, ItemDataset, StepSampler, tokenizer_of
+from r3v.config import TrainConfig
 from r3v.errors import DataError
 from r3v.io import append_jsonl, atomic_write_json, atomic_write_text, iter_jsonl, repair_jsonl_tail
 from r3v.models import shared_images
-from r3v.records import Example, TrainItem
+from r3v.records import OBJECTIVES, Example, TrainItem
+from r3v.train.data import PADDING_KEY, CompletionCollator, ItemDataset, StepSampler, tokenizer_of
 
 log = logging.getLogger("r3v.train")  # a fixed name: also when run as __main__
 
@@ -57,21 +56,6 @@ CHECKPOINT_DIR = "checkpoints"
 #: Parameters of the vision encoder (not its projector/merger), frozen by ``freeze_vision_tower``.
 VISION_TOWER_PATTERN = re.compile(r"(^|\.)(visual|vision_tower|vision_model)\.(?!merger\.)")
 
-QWEN_VL_LORA_TARGET = r".*transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.w1|mlp\.w2)"
-
-# LoRA rank / alpha / target per model family, from the R3V reference code.
-REFERENCE_LORA = {
-    "qwen-vl": (64, 16, QWEN_VL_LORA_TARGET),
-    "llava": (128, 256, None),
-    "qwen2-vl": (8, 16, None),
-}
-#: Image pixel cap per family: the Qwen2-VL reference (GeoQA) trained on images of at most 768x768.
-REFERENCE_MAX_PIXELS = {"qwen2-vl": 768 * 768}
-FAMILY_ALIASES = {
-    "qwen-vl-chat": "qwen-vl", "qwen": "qwen-vl", "llava-1.5": "llava", "llava1.5": "llava",
-    "qwen2_vl": "qwen2-vl", "qwen2.5-vl": "qwen2-vl", "qwen2_5_vl": "qwen2-vl",
-}
-
 # Fields that may change between a run and its resumption: they do not change what the
 # checkpoints on disk mean (more epochs continue the same run).
 RESUMABLE_FIELDS = {"epochs", "logging_steps", "save_total_limit", "dataloader_workers", "encode_cache_mb",
@@ -79,7 +63,6 @@ RESUMABLE_FIELDS = {"epochs", "logging_steps", "save_total_limit", "dataloader_w
 
 #: Models with more parameters than this train with gradient checkpointing unless told otherwise.
 CHECKPOINTING_ABOVE = 1_000_000_000
-
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN or infinite loss, gradient or weight; it stopped before saving it."""
@@ -92,181 +75,6 @@ class NonFiniteLossError(RuntimeError):
     def __str__(self) -> str:
         where = self.last_checkpoint or "none yet"
         return f"{self.args[0]}; last good checkpoint: {where}"
-
-
-@dataclass
-class TrainConfig:
-    """Hyper-parameters of one training run. ``TrainConfig.reference(family)`` gives R3V's."""
-
-    lora: bool = True
-    """LoRA on the language model only (vision tower frozen); False for full fine-tuning."""
-    lora_r: int = 8
-    """LoRA rank."""
-    lora_alpha: int = 16
-    """LoRA scaling alpha (the update is scaled by alpha / r)."""
-    lora_dropout: float = 0.05
-    """Dropout on the LoRA input."""
-    lora_target: str = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-    """Regex over module names that get LoRA: by default every linear layer of the language model."""
-    epochs: float = 3
-    """Passes over the items; a fraction runs part of the last pass."""
-    learning_rate: float = 3e-5
-    """Peak learning rate of AdamW."""
-    warmup_ratio: float = 0.05
-    """Share of all optimizer steps spent warming the learning rate up from 0, in [0, 1)."""
-    lr_scheduler: str = "constant_with_warmup"
-    """A transformers scheduler name: constant_with_warmup, cosine, linear, ..."""
-    adam_beta1: float = 0.9
-    """AdamW beta1."""
-    adam_beta2: float = 0.98
-    """AdamW beta2 (0.98 in the reference, not the usual 0.999)."""
-    weight_decay: float = 0.0
-    """AdamW decoupled weight decay."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping norm; 0 turns clipping off."""
-    batch_size: int = 2
-    """Most items per device per micro-batch (with ``global_batch`` set, fewer when the global batch
-    needs it); R3V's reference codes trained 2 per device."""
-    grad_accum: int = 8
-    """Micro-batches per optimizer step; used only when ``global_batch`` is None."""
-    global_batch: int | None = 64
-    """Items per optimizer step over all devices. Per-device batch and accumulation follow from it for
-    any number of devices, and so does the data order: each step trains on the same items."""
-    max_length: int = 2048
-    """Longest item in tokens (image tokens included); longer targets are cut, longer prompts skipped."""
-    loss_weights: dict[str, float] = field(default_factory=lambda: {name: 1.0 for name in OBJECTIVES})
-    """Weight of each objective's summed token loss (sft, refine, select); missing ones weigh 1."""
-    seed: int = 0
-    """Seeds LoRA init, data order, dropout."""
-    bf16: bool | None = None
-    """bf16 mixed precision; None: on when a CUDA GPU with bf16 is present."""
-    group_by_length: bool = True
-    """Batch items of similar length together (less padding); order is still shuffled per epoch."""
-    logging_steps: int = 10
-    """Optimizer steps between Trainer log lines (train_log.jsonl gets every step)."""
-    freeze_vision_tower: bool = True
-    """In full fine-tuning, keep the vision encoder frozen (its projector/merger still trains)."""
-    freeze_projector: bool = False
-    """In full fine-tuning, also keep the projector/merger frozen (the whole image path fixed)."""
-    gradient_checkpointing: bool | None = None
-    """Recompute activations in backward: less memory, about 30% slower. None: on for models with
-    more than 1B parameters."""
-    max_pixels: int | None = None
-    """Pixel cap per image for the processor (training and sampling); None keeps the processor's own.
-    Qwen2-VL's processor allows about 12.8M pixels (16k visual tokens) by default."""
-    auto_batch_size: bool = False
-    """On an out-of-memory error, halve the per-device batch (doubling accumulation, so the global
-    batch stays) and retry, with accelerate's ``find_executable_batch_size``."""
-    dataloader_workers: int = 0
-    """DataLoader worker processes that load and encode the images (0: in the training process)."""
-    report_to: tuple[str, ...] = ()
-    """Trackers the Trainer logs to (tensorboard, wandb, ...; any name transformers' report_to knows)."""
-    save_total_limit: int | None = 1
-    """Checkpoints kept in out_dir/checkpoints (the newest); None keeps all."""
-    encode_cache_mb: int = 1024
-    """Encoded items (pixels included) kept in RAM; items past it are re-encoded when used."""
-    encoder_cache_mb: int = 512
-    """Vision-encoder outputs kept across steps while the encoder is frozen (LoRA), on its device; 0: off."""
-    trust_remote_code: bool = False
-    """Allow model code from the hub when loading the model."""
-
-    def __post_init__(self) -> None:
-        unknown = set(self.loss_weights) - set(OBJECTIVES)
-        if unknown:
-            raise ValueError(f"loss_weights has unknown objective(s) {sorted(unknown)}; known: {', '.join(OBJECTIVES)}")
-        if any(w < 0 for w in self.loss_weights.values()):
-            raise ValueError(f"loss_weights must be >= 0, got {self.loss_weights}")
-        self.loss_weights = {name: float(self.loss_weights.get(name, 1.0)) for name in OBJECTIVES}
-        checks = {
-            "batch_size": self.batch_size >= 1,
-            "grad_accum": self.grad_accum >= 1,
-            "epochs": self.epochs > 0,
-            "max_length": self.max_length >= 2,
-            "warmup_ratio": 0 <= self.warmup_ratio < 1,
-            "lora_r": self.lora_r >= 1,
-            "learning_rate": self.learning_rate >= 0,
-            "global_batch": self.global_batch is None or self.global_batch >= 1,
-            "logging_steps": self.logging_steps >= 1,
-            "max_pixels": self.max_pixels is None or self.max_pixels >= 28 * 28,
-            "dataloader_workers": self.dataloader_workers >= 0,
-        }
-        self.report_to = _tracker_names(self.report_to)
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError(f"invalid TrainConfig value(s): {', '.join(f'{n}={getattr(self, n)!r}' for n in bad)}")
-
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["report_to"] = list(self.report_to)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - names
-        if unknown:
-            raise ValueError(f"unknown TrainConfig field(s): {', '.join(sorted(unknown))}")
-        data = dict(data)
-        if "report_to" in data:
-            data["report_to"] = _tracker_names(data["report_to"])
-        return cls(**data)
-
-    @classmethod
-    def reference(cls, model_family: str) -> TrainConfig:
-        """R3V's published settings: LoRA per family, lr 3e-5, 3 epochs, global batch 64, AdamW (0.9, 0.98).
-
-        Families: ``qwen-vl`` (Qwen-VL-Chat, r 64 / alpha 16), ``llava`` (LLaVA-1.5, r 128 / alpha 256),
-        ``qwen2-vl`` (Qwen2-VL / Qwen2.5-VL, r 8 / alpha 16).
-        """
-        family = FAMILY_ALIASES.get(model_family.lower(), model_family.lower())
-        if family not in REFERENCE_LORA:
-            raise ValueError(f"unknown model family {model_family!r}; known: {', '.join(REFERENCE_LORA)}")
-        r, alpha, target = REFERENCE_LORA[family]
-        # 2 items per device as both reference codes; the global batch of 64 fixes the accumulation
-        config = cls(
-            lora=True, lora_r=r, lora_alpha=alpha, epochs=3, learning_rate=3e-5, warmup_ratio=0.05,
-            lr_scheduler="constant_with_warmup", adam_beta1=0.9, adam_beta2=0.98, batch_size=2,
-            global_batch=64, max_length=2048, max_pixels=REFERENCE_MAX_PIXELS.get(family),
-        )
-        if target is not None:
-            config.lora_target = target
-        return config
-
-    @classmethod
-    def tiny(cls) -> TrainConfig:
-        """Settings for the built-in tiny models on a CPU: full fine-tuning of the language model at a
-        high rate, few epochs. The image path stays frozen: trained from scratch jointly with the
-        language model, the tiny encoder collapses to image-independent features (measured)."""
-        return cls(
-            lora=False, freeze_vision_tower=True, freeze_projector=True, learning_rate=1e-3, warmup_ratio=0.05, epochs=2,
-            batch_size=16, global_batch=16, max_length=1024, logging_steps=5,
-        )
-
-    @classmethod
-    def for_model(cls, model: str) -> TrainConfig:
-        """``tiny()`` for the built-in tiny models (also a rebuilt base model's folder), else
-        ``reference()`` for the model's family: its learning rate would barely move a tiny model."""
-        from r3v.models.base_model import NAME as BASE_NAME
-        from r3v.models.base_model import is_base_model_folder
-        from r3v.models.tiny import TINY_MODELS
-
-        if model in TINY_MODELS or model == BASE_NAME or is_base_model_folder(model):
-            return cls.tiny()
-        return cls.reference(model_family(model))
-
-
-def model_family(model: str) -> str:
-    """The R3V family of a model, from its config's ``model_type`` (never from its path)."""
-    from transformers import AutoConfig
-
-    from r3v.models.loading import resolve_model
-
-    model_type = AutoConfig.from_pretrained(resolve_model(model), trust_remote_code=False).model_type
-    families = {"qwen2_vl": "qwen2-vl", "qwen2_5_vl": "qwen2-vl", "llava": "llava", "qwen": "qwen-vl"}
-    if model_type not in families:
-        raise ValueError(f"no R3V reference settings for model type {model_type!r}; pass a TrainConfig")
-    return families[model_type]
-
 
 @dataclass
 class TrainResult:
@@ -546,7 +354,8 @@ def _fit(model: str, items: list[TrainItem], examples: dict[str, Example], confi
     """Load, prepare, train and save; the part of ``train`` that holds the model."""
     from transformers import set_seed
 
-    from r3v.models.loading import load_model, set_pixel_cap
+    from r3v.models.loading import load_model
+    from r3v.models.processors import set_pixel_cap
 
     set_seed(config.seed)
     if torch.cuda.is_available():
@@ -923,357 +732,3 @@ def _save_final(trainer: ObjectiveTrainer, out: Path, is_adapter: bool, state) -
         partial.rename(final)
     state.wait_for_everyone()
     return final
-
-
-def _tracker_names(value: Any) -> tuple[str, ...]:
-    """``report_to`` as a tuple of names: from a list, or a comma-separated string; "none" is empty."""
-    names = value.split(",") if isinstance(value, str) else list(value or ())
-    names = [str(n).strip() for n in names if str(n).strip()]
-    return () if names in (["none"], []) else tuple(names)
-
-
-def _parse_setting(text: str) -> tuple[str, Any]:
-    if "=" not in text:
-        raise ValueError(f"--set takes key=value, got {text!r}")
-    key, raw = text.split("=", 1)
-    try:
-        value = json.loads(raw)
-    except ValueError:
-        value = raw  # a bare string such as a scheduler name or a regex
-    return key.strip(), value
-
-
-# ---------------------------------------------------------------- training jobs
-
-JOB_FILE = "train_job.yaml"
-ERROR_FILE = "r3v_train_error.json"
-
-
-@dataclass
-class ExampleSource:
-    """The task split whose examples supply a job's images (items without their own image paths)."""
-
-    task: str
-    split: str = "train"
-    data_dir: str | None = None
-    limit: int | None = None
-    task_args: dict[str, Any] = field(default_factory=dict)
-    skip_bad: bool = False
-    allow_outside_paths: bool = False
-
-    def load(self, wanted: set[str]) -> dict[str, Example]:
-        from r3v.tasks.base import build_task
-
-        task = build_task(self.task, self.task_args, skip_bad=self.skip_bad, allow_outside_paths=self.allow_outside_paths)
-        return {ex.id: ex for ex in task.load(self.split, data_dir=self.data_dir, limit=self.limit) if ex.id in wanted}
-
-
-@dataclass
-class TrainJob:
-    """One training step, complete: what ``python -m r3v.train --job FILE`` runs, also by hand and
-    under ``accelerate launch``. ``r3v train`` writes one per iteration (``iter{k}/train_job.yaml``).
-
-    ``items``, ``out`` and ``tracking_dir`` are paths relative to the job file's folder; ``model``
-    and ``init_adapter`` are too when they name a folder there, else a hub id or an absolute path.
-    """
-
-    model: str
-    items: str
-    out: str
-    config: TrainConfig
-    init_adapter: str | None = None
-    examples: ExampleSource | None = None
-    resume: bool = True
-    #: Where trackers write (TensorBoard event files, wandb's folder); None: the trackers' defaults.
-    tracking_dir: str | None = None
-    #: The name trackers give this step's run (e.g. ``<run>/iter1``).
-    run_name: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["config"] = self.config.to_dict()
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str = "train job") -> TrainJob:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - names
-        missing = {"model", "items", "out", "config"} - set(data)
-        if unknown or missing:
-            problems = [f"unknown key(s) {sorted(unknown)}" if unknown else "", f"missing key(s) {sorted(missing)}" if missing else ""]
-            raise DataError(" and ".join(p for p in problems if p), path=where)
-        data = dict(data)
-        try:
-            data["config"] = TrainConfig.from_dict(data["config"])
-            if data.get("examples") is not None:
-                data["examples"] = ExampleSource(**data["examples"])
-        except (TypeError, ValueError) as exc:
-            raise DataError(f"bad training settings: {exc}", path=where) from exc
-        return cls(**data)
-
-    def write(self, path: str | Path) -> Path:
-        import yaml
-
-        path = Path(path)
-        text = "# One R3V training step: python -m r3v.train --job THIS_FILE (also under accelerate launch)\n"
-        atomic_write_text(path, text + yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True))
-        return path
-
-    @classmethod
-    def read(cls, path: str | Path) -> TrainJob:
-        import yaml
-
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except FileNotFoundError as exc:
-            raise DataError(f"training job not found: {path}", path=path) from exc
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-            raise DataError(f"not a readable YAML training job: {exc}", path=path) from exc
-        if not isinstance(data, dict):
-            raise DataError("a training job is a YAML mapping", path=path)
-        return cls.from_dict(data, where=str(path))
-
-
-def job_reference(value: str | None, folder: Path) -> str | None:
-    """How a job file names a model or adapter: relative to the job's folder when the folder holds
-    it (the run directory can move), absolute for other local folders, hub ids as they are."""
-    if value is None or not Path(value).exists():
-        return value
-    target = Path(value).resolve()
-    if target.is_relative_to(folder.resolve().parent):
-        return os.path.relpath(target, folder.resolve())
-    return str(target)
-
-
-def _resolve(value: str | None, folder: Path) -> str | None:
-    if value is None or Path(value).is_absolute():
-        return value
-    local = folder / value
-    return str(local) if local.exists() else value
-
-
-def run_job(job_path: str | Path, examples: dict[str, Example] | None = None,
-            callbacks: Sequence[TrainerCallback] | None = None) -> TrainResult:
-    """Run a training job in this process (every process of an ``accelerate launch`` calls this).
-
-    ``examples`` may be passed when the caller holds them already; else they load from the job's
-    example source.
-    """
-    from r3v.records import read_jsonl
-
-    job_path = Path(job_path)
-    job = TrainJob.read(job_path)
-    folder = job_path.parent
-    items_path = folder / job.items
-    items = []
-    for number, record in enumerate(read_jsonl(items_path), start=1):
-        try:
-            items.append(TrainItem.from_dict(record))
-        except DataError as exc:
-            raise DataError(exc.problem, path=items_path, record=f"line {number}") from exc
-    if examples is None:
-        wanted = {item.example_id for item in items if item.images is None}
-        examples = job.examples.load(wanted) if job.examples is not None and wanted else {}
-    with _tracking_environment(job, folder):
-        return train(_resolve(job.model, folder), items, examples, job.config, folder / job.out, resume=job.resume,
-                     init_adapter=_resolve(job.init_adapter, folder), callbacks=callbacks)
-
-
-@contextlib.contextmanager
-def _tracking_environment(job: TrainJob, folder: Path) -> Iterator[None]:
-    """Point the Trainer's trackers at the job's tracking folder for the duration of the call."""
-    if not job.tracking_dir or not job.config.report_to:
-        yield
-        return
-    where = folder / job.tracking_dir
-    settings = {"TENSORBOARD_LOGGING_DIR": str(where / "tensorboard" / (job.run_name or "train")),
-                "WANDB_DIR": str(where)}
-    if job.run_name:
-        settings |= {"WANDB_NAME": job.run_name, "WANDB_RUN_GROUP": job.run_name.split("/")[0]}
-    saved = {key: os.environ.get(key) for key in settings}
-    os.environ.update({key: value for key, value in settings.items() if saved[key] is None or key.startswith("TENSORBOARD")})
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-class TrainingProcessError(RuntimeError):
-    """The training process failed in a way it did not report as bad input or a non-finite loss."""
-
-
-def launch_job(job_path: str | Path, num_processes: int = 1, accelerate_config: str | None = None,
-               log_path: str | Path | None = None, echo: Callable[[str], None] | None = None) -> TrainResult:
-    """Run a training job in a process of its own (``accelerate launch`` for several processes or an
-    accelerate config), so that every byte it allocated is returned when it exits.
-
-    Its output goes to ``log_path`` and, line by line, to ``echo``. A DataError or
-    NonFiniteLossError in the job is raised here again, with the job's own message.
-    """
-    import subprocess
-    import sys
-
-    job_path = Path(job_path).resolve()
-    job = TrainJob.read(job_path)
-    out = job_path.parent / job.out
-    (out / ERROR_FILE).unlink(missing_ok=True)
-    command = [sys.executable, "-m", "r3v.train", "--job", str(job_path)]
-    env = dict(os.environ)
-    if num_processes > 1 or accelerate_config:
-        launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
-                  "--main_process_port", str(_free_port())]
-        if accelerate_config:
-            launch += ["--config_file", str(accelerate_config)]
-        elif num_processes > 1:
-            launch += ["--multi_gpu"]
-        if not torch.cuda.is_available():
-            # accelerate's multi-process launcher runs on CPUs (gloo) when told to
-            launch += ["--mixed_precision", "no"]
-            env["ACCELERATE_USE_CPU"] = "true"
-        command = launch + command[1:]
-    log_file = Path(log_path) if log_path else out / "train_process.log"
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    tail: list[str] = []
-    with log_file.open("a", encoding="utf-8") as handle:
-        handle.write(f"$ {' '.join(command)}\n")
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        assert process.stdout is not None
-        for line in process.stdout:
-            handle.write(line)
-            handle.flush()
-            tail = (tail + [line.rstrip()])[-20:]
-            if echo:
-                echo(line.rstrip())
-        code = process.wait()
-    error = _read_json(out / ERROR_FILE)
-    if error:
-        if error.get("type") == "NonFiniteLossError":
-            raise NonFiniteLossError(error["message"], step=error.get("step", 0), last_checkpoint=error.get("last_checkpoint"))
-        raise DataError(error["message"])
-    if code != 0:
-        shown = "\n".join(tail[-8:])
-        raise TrainingProcessError(f"the training process exited with code {code}; log: {log_file}\n{shown}")
-    done = _read_json(out / DONE_FILE)
-    if not done:
-        raise TrainingProcessError(f"the training process exited without a result in {out}; log: {log_file}")
-    return TrainResult.from_dict(done["result"])
-
-
-def wait_for_job(job_path: str | Path, echo: Callable[[str], None] | None = None,
-                 poll_seconds: float = 10.0) -> TrainResult:
-    """Wait until someone else runs the job (e.g. ``accelerate launch`` on every node of a cluster)
-    and return its result: the finished job must be this job, same model, items and settings."""
-    from r3v.records import read_jsonl
-
-    job_path = Path(job_path).resolve()
-    job = TrainJob.read(job_path)
-    folder = job_path.parent
-    items = [TrainItem.from_dict(record) for record in read_jsonl(folder / job.items)]
-    _, run_key = _fingerprints(_resolve(job.model, folder), items, job.config, _resolve(job.init_adapter, folder))
-    out = folder / job.out
-    if echo:
-        echo(f"waiting for this training job to be run elsewhere (on every node):\n"
-             f"  accelerate launch --num_machines N --machine_rank R ... -m r3v.train --job {job_path}")
-    while True:
-        done = _read_json(out / DONE_FILE)
-        if done and done.get("run_key") == run_key and Path(done["result"]["output_path"]).exists():
-            return TrainResult.from_dict(done["result"])
-        error = _read_json(out / ERROR_FILE)
-        if error:
-            raise DataError(f"the training job failed where it ran: {error['message']}", path=job_path)
-        time.sleep(poll_seconds)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Train on a JSONL file of TrainItems, or run a job file: ``python -m r3v.train`` (works under
-    ``accelerate launch``)."""
-    import click
-
-    @click.command()
-    @click.option("--job", "job_path", default=None, type=click.Path(dir_okay=False),
-                  help="A training job file (iter{k}/train_job.yaml of an r3v train run); the other options are ignored.")
-    @click.option("--model", default=None, help="Hub id, local folder or built-in name.")
-    @click.option("--items", "items_path", default=None, type=click.Path(exists=True, dir_okay=False),
-                  help="JSONL of TrainItem records (kind, example_id, prompt, target, images).")
-    @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False))
-    @click.option("--task", "task_name", default=None, help="Task whose examples supply the items' images.")
-    @click.option("--split", default="train", show_default=True)
-    @click.option("--data-dir", default=None, type=click.Path(file_okay=False))
-    @click.option("--preset", type=click.Choice(["auto", "tiny", "default", "qwen-vl", "llava", "qwen2-vl"]),
-                  default="auto", show_default=True, help="Starting settings; auto: tiny or the model's R3V reference.")
-    @click.option("--set", "settings", multiple=True, help="Override a TrainConfig field: key=value (JSON value).")
-    @click.option("--init-adapter", default=None, help="Start from this LoRA adapter.")
-    @click.option("--no-resume", is_flag=True, help="Discard checkpoints in --out and start over.")
-    def command(job_path, model, items_path, out_dir, task_name, split, data_dir, preset, settings, init_adapter, no_resume):
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-        if job_path is None:
-            if not (model and items_path and out_dir):
-                raise click.UsageError("give --job FILE, or --model, --items and --out")
-            config = _preset(preset, model)
-            try:
-                config = TrainConfig.from_dict({**config.to_dict(), **dict(_parse_setting(s) for s in settings)})
-            except ValueError as exc:
-                raise click.BadParameter(str(exc), param_hint="--set") from exc
-            out = Path(out_dir)
-            out.mkdir(parents=True, exist_ok=True)
-            examples = ExampleSource(task_name, split, data_dir) if task_name else None
-            job = TrainJob(model=str(Path(model).resolve()) if Path(model).exists() else model,
-                           items=str(Path(items_path).resolve()), out=".", config=config,
-                           init_adapter=str(Path(init_adapter).resolve()) if init_adapter else None,
-                           examples=examples, resume=not no_resume)
-            job_path = job.write(out / JOB_FILE)
-        job_file = Path(job_path)
-        try:
-            result = run_job(job_file)
-        except (DataError, NonFiniteLossError) as exc:
-            _record_error(job_file, exc)
-            raise click.ClickException(str(exc)) from exc
-        from accelerate import PartialState
-
-        if PartialState().is_main_process:
-            click.echo(json.dumps(result.to_dict(), indent=2))
-
-    command.main(args=list(argv) if argv is not None else None, prog_name="python -m r3v.train")
-
-
-def _preset(name: str, model: str) -> TrainConfig:
-    if name == "auto":
-        return TrainConfig.for_model(model)
-    if name == "tiny":
-        return TrainConfig.tiny()
-    if name == "default":
-        return TrainConfig()
-    return TrainConfig.reference(name)
-
-
-def _record_error(job_file: Path, exc: Exception) -> None:
-    """Leave the error where ``launch_job`` looks for it, so the parent can name it exactly."""
-    from accelerate import PartialState
-
-    try:
-        job = TrainJob.read(job_file)
-    except DataError:
-        return
-    if not PartialState().is_main_process:
-        return
-    record = {"type": type(exc).__name__, "message": str(exc)}
-    if isinstance(exc, NonFiniteLossError):
-        record |= {"message": exc.args[0], "step": exc.step, "last_checkpoint": exc.last_checkpoint}
-    atomic_write_json(job_file.parent / job.out / ERROR_FILE, record)
-
-
-if __name__ == "__main__":
-    main()

@@ -11,8 +11,8 @@ teacher's rationales. It stops at a weak chain-of-thought level, like the paper'
 it errs often, but among several samples it is often right. That is the regime where learning
 from its own rationales can help.
 
-The weights ship inside the package (``r3v/models/r3v-clevr-base``, a few MB), so the main job
-spends no time on them. ``python -m r3v.models.base_model`` rebuilds them, deterministically.
+The weights ship inside the package (``r3v/assets/r3v-clevr-base``, a few MB), so the main job
+spends no time on them. ``python -m r3v.demo.base_model`` rebuilds them, deterministically.
 """
 
 from __future__ import annotations
@@ -25,14 +25,14 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from r3v.models.tiny import build_tiny_model, cache_root
+from r3v.models.tiny import build_tiny_model
 
 if TYPE_CHECKING:
     from r3v.records import TrainItem
     from r3v.tasks.clevr_synth import ClevrSynth
 
 NAME = "r3v-clevr-base"
-SHIPPED = Path(__file__).resolve().parent / NAME
+SHIPPED = Path(__file__).resolve().parents[1] / "assets" / NAME
 #: What the shipped weights were built with; the defaults of ``build_base_model``.
 RECIPE = {"seed": 0, "qa_items": 2000, "cot_items": 150, "description_scenes": 4000, "epochs": 8.0,
           "learning_rate": 3e-3, "batch_size": 32, "calibration_images": 64, "vision_steps": 400,
@@ -41,27 +41,14 @@ RECIPE = {"seed": 0, "qa_items": 2000, "cot_items": 150, "description_scenes": 4
 VERSION = 6
 
 
-def base_model_path() -> Path:
-    """The shipped base model, or (in a source tree without it) one built once into the cache."""
-    if (SHIPPED / "config.json").exists():
-        return SHIPPED
-    cached = cache_root() / "models" / f"{NAME}-v{VERSION}-seed{RECIPE['seed']}"
-    if not (cached / "r3v_base.json").exists():
-        build_base_model(cached)
-    return cached
-
-
-def is_base_model_folder(model: str) -> bool:
-    """Whether ``model`` is a folder that ``build_base_model`` wrote (e.g. a rebuild elsewhere)."""
-    return (Path(model) / "r3v_base.json").is_file()
-
-
 def build_base_model(out: str | Path, **overrides) -> Path:
     """Build the base model into ``out`` (atomically: a temp folder, then a rename)."""
     from r3v.builders import qa_items
+    from r3v.demo.corpus import describe_counts
+    from r3v.models.presets import tiny_preset
     from r3v.records import TrainItem
-    from r3v.tasks.clevr_synth import ClevrSynth, describe_counts
-    from r3v.train import TrainConfig, train
+    from r3v.tasks.clevr_synth import ClevrSynth
+    from r3v.train import train
 
     recipe = {**RECIPE, **overrides}
     out = Path(out)
@@ -82,12 +69,11 @@ def build_base_model(out: str | Path, **overrides) -> Path:
             TrainItem("distill", ex.id, task.cot_prompt(ex), task.teacher_rationale(ex))
             for ex in examples[: recipe["cot_items"]]
         ] + arithmetic_items(recipe["arithmetic_items"], random.Random(recipe["seed"]))
-        config = TrainConfig.tiny()
+        config = tiny_preset()
         config.lora = False
         config.epochs = recipe["epochs"]
         config.learning_rate = recipe["learning_rate"]
-        config.batch_size = recipe["batch_size"]
-        config.grad_accum = 1
+        config.batch_size = config.global_batch = recipe["batch_size"]
         config.seed = recipe["seed"]
         config.freeze_vision_tower = config.freeze_projector = True
         result = train(str(scratch), items, {ex.id: ex for ex in examples}, config, work / "trained", resume=False)
@@ -136,8 +122,9 @@ def pretrain_vision(model_dir: Path, task: ClevrSynth, steps: int, seed: int, ba
     features that already carry what is where. Returns the probe's cell accuracy over the last 10 batches."""
     import torch
 
+    from r3v.demo.corpus import CELL_CLASSES, cell_labels
     from r3v.models.loading import load_model
-    from r3v.tasks.clevr_synth import CELL_CLASSES, cell_labels, render
+    from r3v.tasks.clevr_synth import render
 
     torch.manual_seed(seed)
     loaded = load_model(str(model_dir))

@@ -29,17 +29,22 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from r3v.backends.base import Request
 from r3v.errors import DataError
 from r3v.models.batching import SEQUENCE_KEYS, collate
 from r3v.models.batching import encode as encode_prompt
 from r3v.models.shared_images import IMAGE_INDEX_KEY, IMAGE_SET_KEY, IMAGE_SETS_KEY, distinct_image_sets
-from r3v.records import MAX_ASPECT_RATIO, OBJECTIVE_OF_KIND, Example, TrainItem, load_image
+from r3v.records import (
+    MAX_ASPECT_RATIO,
+    OBJECTIVE_OF_KIND,
+    OBJECTIVES,
+    Example,
+    Request,
+    TrainItem,
+    load_image,
+)
+from r3v.seeds import stride_seed
 
 log = logging.getLogger(__name__)
-
-#: The three R3V objectives, in the order their losses are indexed in a batch's ``objective`` tensor.
-OBJECTIVES = ("sft", "refine", "select")
 
 #: Per-row batch entry: True for the copies that pad an epoch's last optimizer step (no labels).
 PADDING_KEY = "padding"
@@ -413,7 +418,7 @@ class StepSampler(Sampler[int]):
 
     def steps(self) -> list[list[int]]:
         """This epoch's steps, each a list of item indices (the last one possibly short)."""
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        generator = torch.Generator().manual_seed(stride_seed(self.seed, self.epoch))
         order = torch.randperm(len(self.lengths), generator=generator).tolist()
         size = self.step_items
         if not self.group_by_length:
