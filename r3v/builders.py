@@ -6,7 +6,11 @@ Per train question, over the samples of every earlier iteration (oldest model fi
 - **self-refine**: the newest wrong sample in (``r3v.prompts.refine_prompt``), the newest correct
   sample out;
 - **self-select**: numbered candidate sets (``r3v.prompts.select_prompt``) mixing correct and wrong
-  samples; the target is the gold answer line (the official code) or the chosen solution.
+  samples; the target is the gold answer line, the bare gold value (both as official code does,
+  per task) or the chosen solution.
+
+Optionally (reference B) samples that are no rationale (too short, or opening with "Answer") are
+left out of all three first.
 
 "Newest" is decided by the ``iteration`` field, then the sample index: never by file dates.
 Identical candidates (same text once stripped) collapse to their newest copy before anything is
@@ -20,13 +24,19 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from r3v.config import BuildConfig
 from r3v.errors import DataError
 from r3v.prompts import refine_prompt, select_prompt
 from r3v.records import KINDS, Example, Sample, TrainItem
 from r3v.seeds import seeded_rng
+
+if TYPE_CHECKING:  # a type only: the task toolkit loads with the tasks
+    from r3v.tasks.base import Task
+
+#: How a bare answer opens; reference B's filter drops samples that start with it.
+ANSWER_MARKER = "Answer"
 
 
 @dataclass
@@ -93,11 +103,25 @@ def dedupe(group: Sequence[Sample]) -> list[Sample]:
     return [s for i, s in enumerate(group) if newest_position[s.text.strip()] == i]
 
 
-def self_cot_item(task: Any, example: Example, correct: Sequence[Sample]) -> TrainItem:
+def is_rationale(text: str, config: BuildConfig) -> bool:
+    """Whether a sample reasons before it answers: longer than ``rationale_min_chars`` and, with
+    ``drop_answer_first``, not opening with the answer marker (reference B's filter)."""
+    if len(text) <= config.rationale_min_chars:
+        return False
+    return not (config.drop_answer_first and text.startswith(ANSWER_MARKER))
+
+
+def short_answer(task: Task, example: Example) -> str:
+    """The bare answer a direct-answer (QA) item is trained to give: ``task.qa_target`` when the
+    task has one, else the gold answer as text."""
+    return str(task.qa_target(example) if task.qa_target is not None else example.answer)
+
+
+def self_cot_item(task: Task, example: Example, correct: Sequence[Sample]) -> TrainItem:
     return TrainItem("cot", example.id, task.cot_prompt(example), correct[-1].text.strip())
 
 
-def self_refine_item(task: Any, example: Example, correct: Sequence[Sample], wrong: Sequence[Sample]) -> TrainItem:
+def self_refine_item(task: Task, example: Example, correct: Sequence[Sample], wrong: Sequence[Sample]) -> TrainItem:
     prompt = refine_prompt(task, example, wrong[-1].text)
     return TrainItem("refine", example.id, prompt, correct[-1].text.strip())
 
@@ -130,7 +154,7 @@ def select_sets(correct: Sequence[Sample], wrong: Sequence[Sample], size: int) -
 
 
 def self_select_items(
-    task: Any,
+    task: Task,
     example: Example,
     correct: Sequence[Sample],
     wrong: Sequence[Sample],
@@ -147,6 +171,8 @@ def self_select_items(
             prompt = select_prompt(task, example, [c.text for c in candidates])
             if config.select_target == "answer":
                 target = task.answer_line(example.answer, example)
+            elif config.select_target == "value":
+                target = short_answer(task, example)
             else:
                 target = chosen_correct[0].text.strip()  # the newest correct candidate
             items.append(TrainItem("select", example.id, prompt, target))
@@ -156,7 +182,7 @@ def self_select_items(
 
 
 def build_self_items(
-    task: Any,
+    task: Task,
     examples: Sequence[Example],
     samples: Iterable[Sample],
     config: BuildConfig,
@@ -177,6 +203,7 @@ def build_self_items(
         )
     items: list[TrainItem] = []
     stats: Counter = Counter()
+    negative_shares: list[float] = []
     if not pool:  # iteration 0: nothing sampled yet, nothing to report
         return BuildResult(items, count_kinds(items), {})
     for example in examples:
@@ -188,8 +215,18 @@ def build_self_items(
             kept = dedupe(group)
             stats["duplicates_removed"] += len(group) - len(kept)
             group = kept
+        if config.rationale_min_chars or config.drop_answer_first:
+            kept = [s for s in group if is_rationale(s.text, config)]
+            stats["not_rationales_removed"] += len(group) - len(kept)
+            group = kept
         correct = [s for s in group if s.correct]
         wrong = [s for s in group if not s.correct]
+        stats["positives"] += len(correct)
+        stats["negatives"] += len(wrong)
+        if group:
+            negative_shares.append(len(wrong) / len(group))
+        if task.check_steps is not None:
+            stats["positives_passing_step_check"] += sum(bool(task.check_steps(s.text, example)) for s in correct)
         if config.check_equations:
             checked = [s for s in correct if equations_hold(s.text)]
             stats["positives_failing_equations"] += len(correct) - len(checked)
@@ -206,25 +243,27 @@ def build_self_items(
             items.append(self_refine_item(task, example, correct, wrong))
         if config.self_select:
             items += self_select_items(task, example, correct, wrong, config, iteration, stats)
-    return BuildResult(items, count_kinds(items), dict(sorted(stats.items())))
+    result = dict(sorted(stats.items()))
+    if negative_shares:
+        result["negative_share_per_question"] = sum(negative_shares) / len(negative_shares)
+    return BuildResult(items, count_kinds(items), result)
 
 
-def qa_items(task: Any, examples: Sequence[Example]) -> list[TrainItem]:
+def qa_items(task: Task, examples: Sequence[Example]) -> list[TrainItem]:
     """Direct-answer QA for every question: the QA prompt in, the bare answer out.
 
-    A task may define ``qa_target(example)`` when its short answer is not ``str(example.answer)``.
+    A task's ``qa_target(example)`` gives it when its short answer is not ``str(example.answer)``.
     """
-    target = getattr(task, "qa_target", None) or (lambda ex: str(ex.answer))
-    return [TrainItem("qa", ex.id, task.qa_prompt(ex), str(target(ex))) for ex in examples]
+    return [TrainItem("qa", ex.id, task.qa_prompt(ex), short_answer(task, ex)) for ex in examples]
 
 
-def warmup_mixture(task: Any, examples: Sequence[Example], distill: Sequence[TrainItem]) -> list[TrainItem]:
+def warmup_mixture(task: Task, examples: Sequence[Example], distill: Sequence[TrainItem]) -> list[TrainItem]:
     """Iteration 0's training data: QA for the whole train split plus the distilled CoT items."""
     return [*qa_items(task, examples), *distill]
 
 
 def build_mixture(
-    task: Any,
+    task: Task,
     examples: Sequence[Example],
     samples: Iterable[Sample],
     config: BuildConfig,

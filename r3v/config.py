@@ -25,6 +25,10 @@ from r3v.records import OBJECTIVES, Sampling
 C = TypeVar("C")
 
 
+#: What the training loss averages token losses over (``TrainConfig.loss_mean``).
+LOSS_MEANS = ("global", "micro_batch")
+
+
 @dataclass
 class TrainConfig:
     """Hyper-parameters of one training run. ``r3v.models.presets`` gives R3V's per model family."""
@@ -37,8 +41,9 @@ class TrainConfig:
     """LoRA scaling alpha (the update is scaled by alpha / r)."""
     lora_dropout: float = 0.05
     """Dropout on the LoRA input."""
-    lora_target: str = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-    """Regex over module names that get LoRA: by default every linear layer of the language model."""
+    lora_target: str | None = None
+    """Regex over module names that get LoRA; None: every linear layer of the model's language
+    model, found from the model (``r3v.models.families``)."""
     epochs: float = 3
     """Passes over the items; a fraction runs part of the last pass."""
     learning_rate: float = 3e-5
@@ -51,6 +56,8 @@ class TrainConfig:
     """AdamW beta1."""
     adam_beta2: float = 0.98
     """AdamW beta2 (0.98 in the reference, not the usual 0.999)."""
+    adam_epsilon: float = 1e-8
+    """AdamW epsilon (the R3V reference codes used 1e-6)."""
     weight_decay: float = 0.0
     """AdamW decoupled weight decay."""
     max_grad_norm: float = 1.0
@@ -67,6 +74,11 @@ class TrainConfig:
     """Longest item in tokens (image tokens included); longer targets are cut, longer prompts skipped."""
     loss_weights: dict[str, float] = field(default_factory=lambda: {name: 1.0 for name in OBJECTIVES})
     """Weight of each objective's summed token loss (sft, refine, select); missing ones weigh 1."""
+    loss_mean: str = "global"
+    """What the token losses are averaged over: "global", every target token of the optimizer step
+    (all micro-batches, all devices), so each token weighs the same; "micro_batch", each
+    micro-batch's own tokens, then the mean over micro-batches and devices, as reference A's
+    Trainer with gradient accumulation did. That gives short-target items (QA, select) more weight."""
     seed: int = 0
     """Seeds LoRA init, data order, dropout."""
     bf16: bool | None = None
@@ -118,6 +130,7 @@ class TrainConfig:
             "learning_rate": self.learning_rate >= 0,
             "global_batch": self.global_batch is None or self.global_batch >= 1,
             "logging_steps": self.logging_steps >= 1,
+            "loss_mean": self.loss_mean in LOSS_MEANS,
             "max_pixels": self.max_pixels is None or self.max_pixels >= 28 * 28,
             "dataloader_workers": self.dataloader_workers >= 0,
         }
@@ -158,7 +171,7 @@ METHODS: dict[str, dict[str, bool]] = {
     "no_select": {"self_cot": True, "self_refine": True, "self_select": False},
 }
 
-SELECT_TARGETS = ("answer", "solution")
+SELECT_TARGETS = ("answer", "value", "solution")
 
 
 @dataclass(frozen=True)
@@ -178,8 +191,16 @@ class BuildConfig:
     select_sizes: tuple[int, ...] = (3,)
     #: Select items per question and size: at most one "mostly correct" and one "mostly wrong" set.
     select_per_size: int = 2
-    #: "answer": the gold answer line (official code, default); "solution": the chosen sample's text.
+    #: "answer": the gold answer line (``Answer: X``, default; the official TabMWP and GeoQA code);
+    #: "value": the bare gold value (the official ChartQA and CLEVR-Math code); "solution": the
+    #: chosen sample's text (the paper's figure).
     select_target: str = "answer"
+    #: Samples of at most this many characters are not rationales: left out of self-CoT, refine
+    #: and select (reference B drops 50 or fewer; 0 keeps all).
+    rationale_min_chars: int = 0
+    #: Leave out samples that open with "Answer" (an answer with no rationale before it), as
+    #: reference B does.
+    drop_answer_first: bool = False
     #: Collapse candidates with the same stripped text to their newest copy before building.
     dedup: bool = True
     #: Mix the warm-up items (direct-answer QA + distilled CoT) into every iteration, as R3V does.
@@ -198,6 +219,8 @@ class BuildConfig:
             raise ValueError(f"select_sizes must be between 2 and 6 candidates, got {self.select_sizes}")
         if self.select_per_size not in (1, 2):
             raise ValueError("select_per_size must be 1 or 2")
+        if self.rationale_min_chars < 0:
+            raise ValueError(f"rationale_min_chars must be >= 0, got {self.rationale_min_chars}")
 
     @classmethod
     def preset(cls, method: str, **overrides: Any) -> BuildConfig:
@@ -215,6 +238,8 @@ class BuildConfig:
             "select_sizes": list(self.select_sizes),
             "select_per_size": self.select_per_size,
             "select_target": self.select_target,
+            "rationale_min_chars": self.rationale_min_chars,
+            "drop_answer_first": self.drop_answer_first,
             "dedup": self.dedup,
             "include_warmup": self.include_warmup,
             "check_equations": self.check_equations,
@@ -265,8 +290,33 @@ class WarmupConfig:
     #: 800 to 1,000; a small set keeps the warmed-up model weak enough to have room to improve).
     teacher_count: int = 200
     #: Use the base model as iteration 0's model (it can already reason); the warm-up items still
-    #: join later mixtures.
-    skip_training: bool = False
+    #: join later mixtures. None: only when there is no distilled CoT (no file, and a task with no
+    #: teacher, such as GeoQA), as reference B starts from the base model: a model warmed up on
+    #: bare answers alone would sample bare answers, not rationales.
+    skip_training: bool | None = None
+
+
+#: What an unparseable self-select output counts as (``SelectConfig.unparseable``).
+UNPARSEABLE_RULES = ("majority", "wrong")
+
+
+@dataclass
+class SelectConfig:
+    """How self-select decides at test time (``r3v bench`` and each iteration's evaluation)."""
+
+    #: Skip the model call when every candidate has the same answer (counted as "skipped"). The
+    #: reference always calls the model; skipping pulls sel@N towards maj@N.
+    skip_when_agree: bool = True
+    #: An output with no readable answer: "majority" lets the candidates' majority vote decide
+    #: (counted as "fallback"); "wrong" scores it wrong, as the reference does (counted as "unparseable").
+    unparseable: str = "majority"
+
+    def __post_init__(self) -> None:
+        if self.unparseable not in UNPARSEABLE_RULES:
+            raise ValueError(f"unparseable must be one of {', '.join(UNPARSEABLE_RULES)}, got {self.unparseable!r}")
+
+    def selector_options(self) -> dict[str, Any]:
+        return {"skip_when_agree": self.skip_when_agree, "unparseable": self.unparseable}
 
 
 @dataclass
@@ -277,6 +327,8 @@ class EvalConfig:
     samples: int = 3
     #: Token limit for the greedy answer, the candidates and the select call; None: the sampling limit.
     max_new_tokens: int | None = None
+    #: How self-select decides.
+    select: SelectConfig = field(default_factory=SelectConfig)
 
 
 @dataclass
@@ -358,6 +410,10 @@ class LoopConfig:
     backend: BackendConfig = field(default_factory=BackendConfig)
     #: How training steps run.
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    #: Behave as the task's reference code release wherever r3v deliberately differs (selection,
+    #: scoring, prompts, loss mean, self-select target, rationale filter; ``r3v.reference``). Any
+    #: setting given explicitly still wins.
+    reference: bool = False
 
     def __post_init__(self) -> None:
         if self.iterations < 0:

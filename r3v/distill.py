@@ -18,7 +18,7 @@ import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from r3v.backends.base import Backend
 from r3v.io import atomic_write_json
@@ -26,6 +26,9 @@ from r3v.manifest import run_manifest
 from r3v.records import Example, Sample, Sampling, write_jsonl
 from r3v.seeds import stride_seed
 from r3v.store import SampleStore, manifest_path, sample_examples
+
+if TYPE_CHECKING:  # a type only: the task toolkit loads with the tasks
+    from r3v.tasks.base import Task
 
 ANSWER_HINT = 'End your response with a final line of the form "{line}".'
 
@@ -59,6 +62,9 @@ class DistillConfig:
     """Questions per generate call, and per resume unit of a round's sample store."""
     answer_hint: bool = False
     """Append an instruction to end with the task's answer line (the training prompt stays plain)."""
+    task_args: dict[str, Any] = field(default_factory=dict)
+    """The task options given (``--task-arg``), as the task typed them: they can change the questions
+    and their scoring, so they are recorded and part of a round's identity."""
 
     def __post_init__(self) -> None:
         for name in ("tries", "n", "keep_per_question", "chunk_size"):
@@ -130,14 +136,14 @@ def work_dir(out: str | Path) -> Path:
     return out.with_name(out.name + ".tries")
 
 
-def teacher_prompt(task: Any, example: Example, answer_hint: bool) -> str:
+def teacher_prompt(task: Task, example: Example, answer_hint: bool) -> str:
     prompt = task.cot_prompt(example)
     if answer_hint:
         prompt += "\n" + ANSWER_HINT.format(line=task.answer_line("<answer>", example))
     return prompt
 
 
-def warmup_record(task: Any, example: Example, rationale: str, teacher: str) -> dict[str, Any]:
+def warmup_record(task: Task, example: Example, rationale: str, teacher: str) -> dict[str, Any]:
     """One line of the warm-up file, the shape ``r3v train --warmup-file`` reads."""
     return {
         "example_id": example.id,
@@ -150,7 +156,7 @@ def warmup_record(task: Any, example: Example, rationale: str, teacher: str) -> 
 
 def distill(
     backend: Backend,
-    task: Any,
+    task: Task,
     examples: Sequence[Example],
     config: DistillConfig,
     out: str | Path,
@@ -264,6 +270,7 @@ def _try_settings(config: DistillConfig, try_index: int, pending: Sequence[Examp
         "split": config.split,
         "data_dir": config.data_dir,
         "answer_hint": config.answer_hint,
+        **({"task_args": config.task_args} if config.task_args else {}),  # absent: stores of older runs match
         "chunk_size": config.chunk_size,
         "try": try_index + 1,
         "sampling": config.sampling(try_index).to_dict(),

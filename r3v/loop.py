@@ -47,15 +47,18 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from r3v.builders import build_mixture, warmup_mixture
-from r3v.config import LoopConfig, TrainConfig, config_file, from_mapping, merge
+from r3v.config import LoopConfig, TaskConfig, TrainConfig, config_file, from_mapping, merge, to_mapping
+from r3v.diagnostics import pool_summary
 from r3v.errors import DataError
 from r3v.io import atomic_write_json
 from r3v.meter import return_freed_memory
 from r3v.metrics import summarize_samples
 from r3v.records import OBJECTIVE_OF_KIND, Example, Sample, Sampling, TrainItem, read_jsonl, write_jsonl
+from r3v.reference import REFERENCE_A, reference_settings
+from r3v.registry import tasks
 from r3v.rundir import (
     append_metrics,
     check_run_dir,
@@ -69,6 +72,9 @@ from r3v.rundir import (
 from r3v.seeds import derive_seed
 from r3v.selectors.base import ALL, FIRST, MAJORITY, ORACLE, SELF_SELECT
 from r3v.store import SampleStore, sample_examples
+
+if TYPE_CHECKING:  # a type only: the task toolkit loads with the tasks
+    from r3v.tasks.base import Task
 
 #: Trackers' folder in the run directory (``--report-to``): the loop's metrics and each training step.
 TRACKING_DIR = "tracking"
@@ -84,12 +90,18 @@ def _quiet(*_: Any) -> None:
 
 def resolve_config(*layers: dict[str, Any]) -> LoopConfig:
     """The run's config: the defaults, then what the base model's folder recommends (``r3v.json``,
-    see ``r3v.models.presets``), then each layer in order (a config file, then the command line)."""
+    see ``r3v.models.presets``), then with ``reference`` the settings of the task's reference
+    release (``r3v.reference``), then each layer in order (a config file, then the command line)."""
     from r3v.models.presets import model_settings
 
     given = merge(*layers)
     recommended = model_settings(given.get("model", LoopConfig.model))
-    return from_mapping(LoopConfig, merge(recommended, given))
+    resolved = merge(recommended, given)
+    if resolved.get("reference"):
+        task = resolved.get("task", {}).get("name", TaskConfig.name)
+        release = getattr(tasks.get(task), "reference", REFERENCE_A)  # a plug-in may name none
+        resolved = merge(recommended, reference_settings(release), given)
+    return from_mapping(LoopConfig, resolved)
 
 
 def run_settings(config: LoopConfig, train_config: TrainConfig) -> dict[str, Any]:
@@ -113,9 +125,11 @@ def run_settings(config: LoopConfig, train_config: TrainConfig) -> dict[str, Any
         "sampling": {k: v for k, v in config.sampling.to_dict().items() if k != "seed"},
         "eval_samples": config.eval.samples,
         "eval_max_new_tokens": config.eval_tokens,
+        "eval_select": to_mapping(config.eval.select),
         "chunk_size": config.backend.chunk_size,
         "seed": config.seed,
         "backend": config.backend.name,
+        "reference": config.reference,
     }
 
 
@@ -161,7 +175,7 @@ class ModelRef:
 class TimedTask:
     """A task whose answer scoring is timed, so sampling and scoring report separate seconds."""
 
-    def __init__(self, task: Any) -> None:
+    def __init__(self, task: Task) -> None:
         self._task = task
         self.seconds = 0.0
 
@@ -190,7 +204,7 @@ class Run:
 
     config: LoopConfig
     dir: Path
-    task: Any
+    task: Task
     train_config: TrainConfig
     train_examples: list[Example]
     test_examples: list[Example]
@@ -211,29 +225,37 @@ class Run:
 
 
 def open_run(config: LoopConfig, out_dir: str | Path, log: Callable[[str], None] = print,
-             progress: Progress = _quiet, task: Any = None) -> Run:
+             progress: Progress = _quiet, task: Task | None = None) -> Run:
     """Load the task and the warm-up data, then claim (or reopen) the run directory.
 
     ``task`` may be passed already built (from ``config.task``); else it is built here.
     """
     from r3v.models.presets import named_preset  # transformers loads only when a loop runs
-    from r3v.tasks.base import build_task
+    from r3v.tasks.base import build_task, given_options
     from r3v.warmup import distill_items
 
     spec = config.task
     task = task or build_task(spec.name, spec.args, skip_bad=spec.skip_bad, allow_outside_paths=spec.allow_outside_paths)
+    # recorded as the task typed them: a YAML 1000 and a --task-arg "1000" are the same run
+    config = replace(config, task=replace(spec, args=given_options(task, spec.args)))
+    spec = config.task
     train_config = config.train_config(named_preset(config.train_preset, config.model))
     train_examples = task.load("train", data_dir=spec.data_dir, limit=spec.train_limit)
     test_examples = task.load("test", data_dir=spec.data_dir, limit=spec.test_limit)
     if not train_examples or not test_examples:
         raise DataError(f"task {spec.name!r} gave no train or no test questions")
-    settings = run_settings(config, train_config)
     distill = distill_items(task, train_examples, config.warmup.file, config.warmup.image_root,
                             config.warmup.teacher_count, spec.allow_outside_paths)
+    if config.warmup.skip_training is None:
+        config = replace(config, warmup=replace(config.warmup, skip_training=not distill))
+    settings = run_settings(config, train_config)
     run_dir = Path(out_dir)
     # only once the inputs parsed: a bad warm-up file must not pin a new run directory
-    check_run_dir(run_dir, settings, execution_settings(config))
-    if not distill:
+    check_run_dir(run_dir, settings, execution_settings(config), defaults=run_settings(LoopConfig(), TrainConfig()))
+    if not distill and config.warmup.skip_training:
+        log(f"no distilled CoT for {spec.name!r}: iteration 0 is the base model, and the QA items join "
+            "later mixtures. Pass --warmup-file (see r3v distill) to warm up on worked solutions.")
+    elif not distill:
         log(f"warning: no distilled CoT for {spec.name!r}, so the warm-up is QA only. "
             "Pass --warmup-file (see r3v distill) to give the model worked solutions to start from.")
     return Run(config, run_dir, task, train_config, train_examples, test_examples,
@@ -243,7 +265,7 @@ def open_run(config: LoopConfig, out_dir: str | Path, log: Callable[[str], None]
 # ---------------------------------------------------------------- the loop
 
 def run_loop(config: LoopConfig, out_dir: str | Path, log: Callable[[str], None] = print,
-             progress: Progress = _quiet, task: Any = None) -> list[dict[str, Any]]:
+             progress: Progress = _quiet, task: Task | None = None) -> list[dict[str, Any]]:
     """Run (or resume) ``config`` in ``out_dir``: iterations 0..N, finished ones skipped.
     Returns one metrics row per iteration."""
     from r3v.tracking import LoopTracker
@@ -410,6 +432,7 @@ def evaluate(run: Run, k: int, ref: ModelRef) -> dict[str, Any]:
             results["selection"] = evaluate_selection(
                 backend, run.task, run.test_examples, samples, ks=[n], selector_names=ALL,
                 seed=derive_seed(config.seed, "select", k), max_new_tokens=config.eval_tokens,
+                select=config.eval.select,
             )
     atomic_write_json(marker, results)
     line = f"  Test@1 {results['test_accuracy']:.3f}"
@@ -438,6 +461,13 @@ def metrics_for(run: Run, k: int, ref: ModelRef, build: dict[str, Any], trained:
         "pass_at_n": selection["accuracy"][ORACLE] if selection else None,
         "eval_samples": run.config.eval.samples if selection else 0,
         "select_how": selection["counts"][SELF_SELECT] if selection else None,
+        # what selection cost per question at N (prompt, completions, self-select's own call)
+        # (None for an evaluation an older r3v stored)
+        "selection_compute": {name: {key: selection["compute"][str(selection["n"])][name][key]
+                                     for key in ("tokens_per_question", "seconds_per_question")}
+                              for name in (SELF_SELECT, MAJORITY)} if selection and "compute" in selection else None,
+        "selection_diagnostics": selection["diagnostics"][SELF_SELECT] if selection and "diagnostics" in selection else None,
+        "pool": pool_summary(build["stats"]),
         "test_questions": len(run.test_examples),
         "items": counts,
         "items_per_objective": objectives,

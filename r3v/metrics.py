@@ -71,8 +71,9 @@ def accuracy(choices: Sequence[Choice]) -> float:
 
 
 def how_counts(choices: Iterable[Choice]) -> dict[str, int]:
-    """How many selections the model made, skipped (candidates agreed), fell back, or made by rule."""
-    counts = {"model": 0, "skipped": 0, "fallback": 0, "rule": 0}
+    """How many selections the model made, skipped (candidates agreed), fell back, left unparseable
+    (scored wrong), or made by rule."""
+    counts = {"model": 0, "skipped": 0, "fallback": 0, "unparseable": 0, "rule": 0}
     for choice in choices:
         counts[choice.how] = counts.get(choice.how, 0) + 1
     return counts

@@ -69,6 +69,9 @@ class Sample:
     completion_tokens: int = 0
     finish_reason: str = ""
     iteration: int | None = None
+    #: Wall seconds of the generate call that made it, shared evenly by the call's completions
+    #: (0: not measured, e.g. a store written by an older r3v). Timing, not identity: equality ignores it.
+    seconds: float = field(default=0.0, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -214,13 +217,24 @@ class Sampling:
     max_new_tokens: int = 384
     seed: int = 0
     greedy: bool = False
+    #: Penalty on the logits of tokens already in the prompt or the output (as transformers'
+    #: ``repetition_penalty``); None: the model's generation config's (1.05 for Qwen2-VL-Instruct),
+    #: else 1 (none). Both backends apply it, greedy decoding included.
+    repetition_penalty: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.repetition_penalty is not None and self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if self.repetition_penalty is None:  # unset: records written before the field keep their shape
+            del data["repetition_penalty"]
+        return data
 
     @classmethod
-    def greedy_decoding(cls, max_new_tokens: int = 512, seed: int = 0) -> Sampling:
-        return cls(n=1, greedy=True, max_new_tokens=max_new_tokens, seed=seed)
+    def greedy_decoding(cls, max_new_tokens: int = 512, seed: int = 0, repetition_penalty: float | None = None) -> Sampling:
+        return cls(n=1, greedy=True, max_new_tokens=max_new_tokens, seed=seed, repetition_penalty=repetition_penalty)
 
 
 @dataclass
@@ -238,6 +252,11 @@ class Choice:
     answer: str | None
     correct: bool
     #: "model" (the model chose), "skipped" (all candidates agreed, no model call),
-    #: "fallback" (model output unparseable, majority vote used), or "rule" (no model involved).
+    #: "fallback" (model output unparseable, majority vote used), "unparseable" (model output
+    #: unparseable, scored wrong), or "rule" (no model involved).
     how: str = "rule"
     raw_output: str | None = None
+    #: The selector's own model call for this choice (self-select's), when it made one.
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    seconds: float = field(default=0.0, compare=False)

@@ -5,6 +5,7 @@ iteration (``metrics.jsonl``), and what each phase of each iteration cost (``tim
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,22 +27,26 @@ def iter_dir(run_dir: Path, k: int) -> Path:
     return run_dir / f"iter{k}"
 
 
-def check_run_dir(run_dir: Path, settings: dict[str, Any], execution: dict[str, Any] | None = None) -> None:
+def check_run_dir(
+    run_dir: Path,
+    settings: dict[str, Any],
+    execution: dict[str, Any] | None = None,
+    defaults: dict[str, Any] | None = None,
+) -> None:
     """Write run.json for a new run; for an existing one, refuse settings that differ.
 
     ``execution`` records how the run is executed (backend engine options, training processes):
     it may change between a run and its continuation, so it is written (as of the latest start) but
-    never compared.
+    never compared. ``defaults`` are the settings of a default run: a setting that a run written by
+    an older r3v lacks matches when it still has its default (the behaviour that run had).
     """
     normalized = json.loads(json.dumps(settings, default=str))
     manifest = run_dir / "run.json"
     if manifest.exists():
         record = json.loads(manifest.read_text())
         stored = record.get("settings", {})
-        if stored != normalized:
-            before, after = _flatten(stored), _flatten(normalized)
-            diffs = [f"{key}: {before.get(key)!r} -> {after.get(key)!r}"
-                     for key in sorted(set(before) | set(after)) if before.get(key) != after.get(key)]
+        diffs = _differences(stored, normalized, json.loads(json.dumps(defaults or {}, default=str)))
+        if diffs:
             raise DataError(
                 f"{run_dir} holds a run with other settings ({'; '.join(diffs)}). "
                 "Rerun with the same settings to continue it, or choose another --out.",
@@ -57,6 +62,18 @@ def check_run_dir(run_dir: Path, settings: dict[str, Any], execution: dict[str, 
     if execution is not None:
         record["execution"] = json.loads(json.dumps(execution, default=str))
     atomic_write_json(manifest, record)
+
+
+def _differences(stored: dict[str, Any], current: dict[str, Any], defaults: dict[str, Any]) -> list[str]:
+    """``key: old -> new`` for each setting that differs; one the stored run lacks is no difference
+    while it has its default value."""
+    if stored == current:
+        return []
+    before, after, baseline = _flatten(stored), _flatten(current), _flatten(defaults)
+    return [f"{key}: {before.get(key)!r} -> {after.get(key)!r}"
+            for key in sorted(set(before) | set(after))
+            if before.get(key) != after.get(key)
+            and not (key not in before and key in baseline and after[key] == baseline[key])]
 
 
 def _flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -150,3 +167,15 @@ def _device_label() -> str:
     if torch is not None and torch.cuda.is_available():
         return f"cuda: {torch.cuda.get_device_name(0)} x {torch.cuda.device_count()}"
     return "cpu"
+
+
+def results_dir(kind: str, identity: dict[str, Any], settings: dict[str, Any], tag: str = "",
+                root: str | Path = "runs") -> Path:
+    """``runs/<kind>-<task>-<model basename>/<split>-<tag>-<limit>-<hash of the settings>``, the
+    default folder of a bench or probe run: a rerun of the same command finds its earlier work,
+    and a changed setting writes beside it instead of over it."""
+    model = Path(str(identity["model"]).rstrip("/")).name
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    limit = identity.get("limit")
+    parts = [identity["split"], tag, "all" if limit is None else f"limit{limit}", digest]
+    return Path(root) / f"{kind}-{identity['task']}-{model}" / "-".join(part for part in parts if part)

@@ -14,15 +14,14 @@ listed in ``ScoreReport.skipped``, and still gets a verdict ``{"correct": false,
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from r3v.errors import DataError
 from r3v.records import Example
+from r3v.tasks.base import Task, json_lines
 
 
 @dataclass
@@ -51,6 +50,9 @@ class ScoreReport:
     verdicts: list[Verdict] = field(default_factory=list)
     #: One message per skipped line (naming file and line).
     skipped: list[str] = field(default_factory=list)
+    #: Which scorer gave the verdicts: the task's ``scoring`` option ("r3v" or "official") and,
+    #: for "official", the seed of its draws.
+    scoring: dict[str, Any] = field(default_factory=lambda: {"scoring": "r3v"})
 
     @property
     def accuracy(self) -> float:
@@ -58,17 +60,27 @@ class ScoreReport:
         return self.correct / self.n if self.n else 0.0
 
     def summary(self) -> dict[str, Any]:
-        return {"task": self.task, "n": self.n, "accuracy": self.accuracy, "breakdown": self.breakdown}
+        return {"task": self.task, "n": self.n, "accuracy": self.accuracy, "breakdown": self.breakdown,
+                **self.scoring}
 
 
-def score_file(task: Any, path: str | Path, skip_bad: bool = False, task_name: str | None = None) -> ScoreReport:
+def scoring_behaviour(task: Task) -> dict[str, Any]:
+    """The scorer a task's options select, for the records: ``{"scoring": ...}`` (+ its seed)."""
+    options = task.options
+    scoring = getattr(options, "scoring", "r3v")  # a plug-in's options may have no such field
+    if scoring == "official":
+        return {"scoring": scoring, "scoring_seed": options.scoring_seed}
+    return {"scoring": scoring}
+
+
+def score_file(task: Task, path: str | Path, skip_bad: bool = False, task_name: str | None = None) -> ScoreReport:
     """Score every record of a JSON-lines file with ``task`` (an instance of a registered task)."""
     path = Path(path)
-    name = task_name or getattr(task, "name", type(task).__name__)
+    name = task_name or task.name
     verdicts: list[Verdict] = []
     skipped: list[str] = []
     scored: list[tuple[Example, bool]] = []
-    for number, record in read_lines(path):
+    for number, record in json_lines(path):
         error = record if isinstance(record, DataError) else None
         if error is None:
             try:
@@ -92,38 +104,16 @@ def score_file(task: Any, path: str | Path, skip_bad: bool = False, task_name: s
         task=name,
         n=len(scored),
         correct=sum(correct for _, correct in scored),
-        breakdown=breakdown(scored, getattr(task, "breakdown_keys", ())),
+        breakdown=breakdown(scored, task.breakdown_keys),
         verdicts=verdicts,
         skipped=skipped,
+        scoring=scoring_behaviour(task),
     )
 
 
-def read_lines(path: Path) -> Iterator[tuple[int, dict[str, Any] | DataError]]:
-    """(line number, record) for each non-blank line; a line that cannot be read yields a DataError."""
-    if not path.is_file():
-        raise DataError(f"file not found: {path}", path=path)
-    with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            where = {"path": path, "record": f"line {number}"}
-            try:
-                record = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as exc:
-                yield number, DataError(f"not valid UTF-8 ({exc.reason} at byte {exc.start})", **where)
-                continue
-            except json.JSONDecodeError as exc:
-                yield number, DataError(f"malformed JSON: {exc}", **where)
-                continue
-            if not isinstance(record, dict):
-                yield number, DataError(f"expected a JSON object, got {type(record).__name__}", **where)
-                continue
-            yield number, record
-
-
-def prediction_of(task: Any, record: dict[str, Any]) -> str:
+def prediction_of(task: Task, record: dict[str, Any]) -> str:
     """The raw model output of a record (a task may read it from its own field names)."""
-    reader = getattr(task, "prediction_from_record", None)
+    reader = task.prediction_from_record
     text = reader(record) if reader is not None else record.get("prediction")
     if not isinstance(text, str):
         if "prediction" in record:
@@ -132,12 +122,12 @@ def prediction_of(task: Any, record: dict[str, Any]) -> str:
     return text
 
 
-def example_of(task: Any, task_name: str, record: dict[str, Any], index: int) -> Example:
+def example_of(task: Task, task_name: str, record: dict[str, Any], index: int) -> Example:
     """``task.example_from_record``, with its schema errors turned into DataErrors."""
-    builder = getattr(task, "example_from_record", None)
+    builder = task.example_from_record
     try:
         if builder is None:
-            return generic_example(task_name, record, index, getattr(task, "breakdown_keys", ()))
+            return generic_example(task_name, record, index, task.breakdown_keys)
         return builder(record, index)
     except DataError:
         raise

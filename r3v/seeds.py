@@ -7,9 +7,9 @@ that count up from a base seed.
 
 The uses, and the parts that identify each (all seeded from the run's ``--seed``):
 
-========================  ==========================================  =====
+========================  =============================================  =====
 use                       parts                                       bits
-========================  ==========================================  =====
+========================  =============================================  =====
 loop purpose              seed, purpose, iteration                    31
 mixture / select shuffle  seed, example id, iteration, kind, ...      64
 self-select candidates    seed, example id                            64
@@ -17,11 +17,16 @@ HF sampling stream        seed, request index, sample index           63
 HF generate() batch       seed, batch index                           32
 vLLM request              "vllm", seed, request index                 31
 OpenAI request / jitter   seed, request index, top-up round           31
+official scorer's draw    scoring_seed, task, example id, output      64
+MiniWob online episode    seed, "miniwob-online", task, episode[, step]  31
+probe image-swap pairing  seed, "probe", "image-swap"                    64
+counterfactual edit       seed, "counterfactual", example id             64
 sample-store chunk        stride: seed, chunk index
+probe chunk               stride: seed, chunk index
 training epoch order      stride: seed, epoch
 distillation try          stride: seed, try, stride 1000
 clevr-synth question      stride: seed, split offset + index, 7919
-========================  ==========================================  =====
+========================  =============================================  =====
 """
 
 from __future__ import annotations

@@ -11,17 +11,21 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from r3v.backends.base import Backend, generate_groups
 from r3v.errors import DataError
 from r3v.io import append_jsonl, atomic_write_json, iter_jsonl, repair_jsonl_tail
 from r3v.manifest import run_manifest
-from r3v.records import Example, Request, Sample, Sampling
+from r3v.records import Completion, Example, Request, Sample, Sampling
 from r3v.seeds import stride_seed
+
+if TYPE_CHECKING:  # a type only: the task toolkit loads with the tasks
+    from r3v.tasks.base import Task
 
 
 @dataclass(frozen=True)
@@ -98,7 +102,7 @@ class SampleStore:
 
 def sample_examples(
     backend: Backend,
-    task: Any,
+    task: Task,
     examples: Sequence[Example],
     sampling: Sampling,
     store: SampleStore,
@@ -131,12 +135,16 @@ def sample_examples(
 
     def flush() -> None:
         nonlocal finished
+        started = time.perf_counter()
         outputs = generate_groups(backend, [(requests, chunk_sampling) for _, _, requests, chunk_sampling in pending])
+        # the engine serves the whole call at once: each completion gets an even share of its time
+        made = sum(len(completions) for chunk_outputs in outputs for completions in chunk_outputs)
+        share = (time.perf_counter() - started) / max(made, 1)
         for (chunk_index, readable, _, chunk_sampling), chunk_outputs in zip(pending, outputs, strict=True):
             chunk = chunks[chunk_index]
             by_id = {ex.id: completions for ex, completions in zip(readable, chunk_outputs, strict=True)}
             new = [
-                score_completion(task, ex, k, by_id[ex.id][k], backend.model_id, chunk_sampling, iteration)
+                score_completion(task, ex, k, by_id[ex.id][k], backend.model_id, chunk_sampling, iteration, share)
                 for ex in chunk for k in range(sampling.n) if (ex.id, k) not in done and ex.id in by_id
             ]
             store.append(new)
@@ -170,7 +178,9 @@ def sample_examples(
     return store.samples()
 
 
-def score_completion(task, example: Example, index: int, completion, model_id: str, sampling: Sampling, iteration):
+def score_completion(task: Task, example: Example, index: int, completion: Completion, model_id: str,
+                     sampling: Sampling, iteration: int | None, seconds: float = 0.0) -> Sample:
+    """A stored Sample from one completion: the task's extracted answer and verdict, with its cost."""
     answer = task.extract(completion.text, example)
     return Sample(
         example_id=example.id,
@@ -185,6 +195,7 @@ def score_completion(task, example: Example, index: int, completion, model_id: s
         completion_tokens=completion.completion_tokens,
         finish_reason=completion.finish_reason,
         iteration=iteration,
+        seconds=round(seconds, 6),
     )
 
 

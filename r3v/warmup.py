@@ -32,7 +32,7 @@ from typing import Any
 from r3v.errors import DataError
 from r3v.io import iter_jsonl
 from r3v.records import Example, TrainItem
-from r3v.tasks.base import safe_path
+from r3v.tasks.base import Task, safe_path
 
 #: Size of the programmatic teacher's warm-up set: the paper distils 800 to 1,000 per dataset;
 #: a small set keeps the warmed-up model weak enough for self-training to have room.
@@ -152,17 +152,20 @@ def read_warmup_file(
     raise DataError("expected R3V warm-up JSON (a list) or distill JSONL (one object per line)", path=path)
 
 
-def teacher_items(task: Any, examples: Sequence[Example], count: int = DEFAULT_TEACHER_COUNT) -> list[TrainItem]:
+def teacher_items(task: Task, examples: Sequence[Example], count: int = DEFAULT_TEACHER_COUNT) -> list[TrainItem]:
     """The task's programmatic teacher on the first ``count`` questions: CoT prompt → rationale."""
-    return [TrainItem("distill", ex.id, task.cot_prompt(ex), task.teacher_rationale(ex)) for ex in examples[:count]]
+    teacher = task.teacher_rationale
+    if teacher is None:
+        raise ValueError(f"task {task.name!r} has no programmatic teacher (teacher_rationale)")
+    return [TrainItem("distill", ex.id, task.cot_prompt(ex), teacher(ex)) for ex in examples[:count]]
 
 
-def has_teacher(task: Any) -> bool:
-    return callable(getattr(task, "teacher_rationale", None))
+def has_teacher(task: Task) -> bool:
+    return task.teacher_rationale is not None
 
 
 def distill_items(
-    task: Any,
+    task: Task,
     examples: Sequence[Example],
     warmup_file: str | Path | None = None,
     image_root: str | Path | None = None,
@@ -172,7 +175,7 @@ def distill_items(
     """The warm-up CoT: from ``warmup_file`` when given, else the task's teacher, else none."""
     if warmup_file is not None:
         by_id = {ex.id: ex for ex in examples}
-        return read_warmup_file(warmup_file, by_id, image_root, allow_outside, getattr(task, "name", None))
+        return read_warmup_file(warmup_file, by_id, image_root, allow_outside, task.name)
     if has_teacher(task):
         return teacher_items(task, examples, teacher_count)
     return []

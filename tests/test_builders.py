@@ -345,3 +345,48 @@ def test_duplicates_keep_their_newest_copy_and_that_changes_the_items():
         assert sorted([*candidates, last]) == sorted(expected_sets[name]), name
         assert instruction == "Which prediction is correct? Give the final answer as a single numerical value."
         assert item.target == f"Answer: {gold}"
+
+
+def test_value_target_is_the_bare_gold_answer_of_the_qa_items():
+    ex = example()
+    pool = [right(ex, "c1", 1, 0), right(ex, "c2", 1, 1), wrong(ex, "w", 1, 2)]
+    selects = [i for i in build_self_items(TASK, [ex], pool, BuildConfig(select_target="value"), 2).items
+               if i.kind == "select"]
+    assert selects and all(i.target == str(ex.answer) for i in selects)
+    assert "Answer" not in selects[0].target
+    assert selects[0].target == qa_items(TASK, [ex])[0].target
+
+
+def test_the_rationale_filter_drops_short_and_answer_first_samples_everywhere():
+    # Reference B's filter: a sample of 50 characters or fewer, or one opening with "Answer", is no
+    # rationale; it is neither a self-CoT target, nor refine input/output, nor a select candidate.
+    ex = example()
+    pad = " Counting every object in the scene one by one, then the ones asked about."
+    good_right = sample(ex, f"Long reasoning.{pad}\nAnswer: {ex.answer}", 1, 0)
+    good_wrong = sample(ex, f"Other reasoning.{pad}\nAnswer: {int(ex.answer) + 1}", 1, 1)
+    bare_right = sample(ex, f"Answer: {ex.answer}", 2, 0)  # the newest correct, but short
+    first_right = sample(ex, f"Answer: {ex.answer}.{pad}", 2, 1)  # long, but opens with the answer
+    short_wrong = sample(ex, f"It is {int(ex.answer) + 2}.\nAnswer: {int(ex.answer) + 2}", 2, 2)
+    pool = [good_right, good_wrong, bare_right, first_right, short_wrong]
+    assert [s.correct for s in pool] == [True, False, True, True, False]
+    assert len(short_wrong.text) <= 50 < len(first_right.text)
+
+    unfiltered = build_self_items(TASK, [ex], pool, BuildConfig(), 2)
+    assert next(i for i in unfiltered.items if i.kind == "cot").target == first_right.text
+
+    config = BuildConfig(rationale_min_chars=50, drop_answer_first=True)
+    result = build_self_items(TASK, [ex], pool, config, 2)
+    by_kind = {kind: [i for i in result.items if i.kind == kind] for kind in ("cot", "refine", "select")}
+    assert [i.target for i in by_kind["cot"]] == [good_right.text]
+    assert [i.target for i in by_kind["refine"]] == [good_right.text]
+    assert good_wrong.text in by_kind["refine"][0].prompt
+    for item in by_kind["select"]:  # only one correct and one wrong remain: no 3-candidate set
+        assert set(candidates_in(item.prompt, pool)) <= {good_right, good_wrong}
+    assert by_kind["select"] == []
+    assert result.stats["not_rationales_removed"] == 3
+
+    only_length = build_self_items(TASK, [ex], pool, BuildConfig(rationale_min_chars=50), 2)
+    assert next(i for i in only_length.items if i.kind == "cot").target == first_right.text
+    assert only_length.stats["not_rationales_removed"] == 2
+    with pytest.raises(ValueError, match="rationale_min_chars"):
+        BuildConfig(rationale_min_chars=-1)

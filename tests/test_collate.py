@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from r3v.errors import DataError
-from r3v.models.batching import SEQUENCE_KEYS, encode
+from r3v.models.batching import SEQUENCE_KEYS, collate, concat_rows, encode
 from r3v.models.loading import load_model
 from r3v.models.shared_images import IMAGE_SET_KEY
 from r3v.prompts import refine_prompt, select_prompt
@@ -133,6 +133,28 @@ def test_a_collated_batch_carries_every_model_input_and_matches_single_items(nam
                       if k not in ("labels", "objective")}
             alone = lm.model(**single).logits[0]
             assert torch.allclose(logits[row, : lengths[row]], alone, atol=1e-4)
+
+
+def test_a_text_only_prompt_opening_a_batch_keeps_the_other_prompts_images():
+    """Keys come from every feature: a batch sorted by length often opens with its text-only prompt,
+    which has no vision tensors and no token types; the image prompts' tensors must stay."""
+    text_only = {"input_ids": torch.tensor([5, 6]), "attention_mask": torch.ones(2, dtype=torch.long)}
+    with_image = {"input_ids": torch.tensor([7, 8, 9]), "attention_mask": torch.ones(3, dtype=torch.long),
+                  "mm_token_type_ids": torch.tensor([0, 1, 0]), "pixel_values": torch.ones(4, 6)}
+    batch = collate([text_only, with_image], pad_token_id=0, padding_side="left")
+    assert torch.equal(batch["pixel_values"], with_image["pixel_values"])
+    assert batch["mm_token_type_ids"].tolist() == [[0, 0, 0], [0, 1, 0]]  # text, and left padding, are 0
+    assert batch["input_ids"].tolist() == [[0, 5, 6], [7, 8, 9]]
+
+
+def test_vision_rows_of_different_shapes_are_zero_padded_to_the_largest():
+    """LLaVA-OneVision gives each image its own number of crops; the model reads only its own."""
+    five, three = torch.ones(1, 5, 3, 2, 2), torch.full((1, 3, 3, 2, 2), 2.0)
+    rows = concat_rows([five, three])
+    assert rows.shape == (2, 5, 3, 2, 2)
+    assert torch.equal(rows[0], five[0]) and torch.equal(rows[1, :3], three[0]) and not rows[1, 3:].any()
+    with pytest.raises(ValueError, match="cannot batch vision tensors"):
+        concat_rows([torch.ones(2, 3), torch.ones(2, 3, 4)])
 
 
 def test_over_long_items_lose_target_tokens_never_image_tokens(loaded, clevr_task, examples, caplog):

@@ -82,7 +82,7 @@ def test_the_config_round_trips_and_keeps_run_settings_stable():
     assert list(settings) == ["model", "task", "task_args", "skip_bad", "allow_outside_paths", "build", "train",
                               "from_base", "train_limit", "test_limit", "data_dir", "warmup_file", "image_root",
                               "teacher_count", "skip_warmup_train", "sampling", "eval_samples",
-                              "eval_max_new_tokens", "chunk_size", "seed", "backend"]
+                              "eval_max_new_tokens", "eval_select", "chunk_size", "seed", "backend", "reference"]
     assert settings["task_args"] == {"seed": 1} and settings["eval_samples"] == 5
     assert settings["train"] == json.loads(json.dumps(dataclasses.asdict(named_preset("tiny")), default=str))
 
@@ -101,3 +101,11 @@ def test_every_flag_of_r3v_train_names_a_real_setting():
             assert rest[0] in trainer_fields, key
         elif rest:
             assert rest[0] in tree[head], key
+
+
+def test_task_options_are_recorded_as_the_task_types_them():
+    from r3v.tasks.base import build_task, given_options
+
+    as_text, typed = {"test_size": "7", "sizes": '{"train": 5}'}, {"test_size": 7, "sizes": {"train": 5}}
+    recorded = [given_options(build_task("clevr-synth", given), given) for given in (as_text, typed)]
+    assert recorded[0] == recorded[1] == {"test_size": 7, "sizes": {"train": 5}}

@@ -35,14 +35,3 @@ def test_same_seed_same_completions_other_seed_differs(backend, requests_four):
     assert [c.text for cs in other for c in cs] != [c.text for cs in first for c in cs]
 
 
-def test_greedy_output_does_not_depend_on_batch_size(backend, requests_four):
-    greedy = Sampling.greedy_decoding(max_new_tokens=12)
-    budget = backend.token_budget
-    try:
-        backend.token_budget = 1_000_000
-        together = backend.generate(requests_four, greedy)
-        backend.token_budget = 1  # one request per batch
-        alone = backend.generate(requests_four, greedy)
-    finally:
-        backend.token_budget = budget
-    assert [c[0].text for c in together] == [c[0].text for c in alone]

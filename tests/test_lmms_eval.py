@@ -2,13 +2,18 @@
 
 The export tests need only ``datasets`` and PyYAML, which r3v already depends on: they load the
 exported files the way lmms-eval does (``load_dataset("json", data_files=...)``) and call the
-generated hooks. The ``lmms`` tests run lmms-eval's own ``simple_evaluate`` end to end and are
-skipped where lmms-eval is not installed (see docs/gpu.md for the lean install).
+generated hooks. The ``lmms`` tests run lmms-eval's own ``simple_evaluate`` end to end and check
+the lean install (requirements/lmms-lean*.txt); they are skipped where lmms-eval is not installed
+(see docs/gpu.md for the lean install), except under ``make test`` (``R3V_REQUIRE_LMMS=1``), which
+installs it: there a missing lmms-eval fails them.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +24,11 @@ from r3v.integrations.lmms_tasks import example_from_doc, export_lmms_task, lmms
 
 LIMIT = 4
 HAS_LMMS = importlib.util.find_spec("lmms_eval") is not None
+REQUIRE_LMMS = os.environ.get("R3V_REQUIRE_LMMS") == "1"  # set by `make test`, which installs lmms-eval
+ROOT = Path(__file__).resolve().parents[1]
+#: `make lmms` writes these into the venv: the torch it pinned, and a stamp once the lean install is done.
+TORCH_PIN = Path(sys.prefix) / "torch-pin.txt"
+LEAN_STAMP = Path(sys.prefix) / ".lmms-eval-lean"
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +123,60 @@ def test_entry_point_is_declared():
 
 # --- with lmms-eval installed -------------------------------------------------------------------
 
-lmms = pytest.mark.skipif(not HAS_LMMS, reason="lmms-eval is not installed (pip install r3v[lmms])")
+lmms = pytest.mark.skipif(not HAS_LMMS and not REQUIRE_LMMS,
+                          reason="lmms-eval is not installed (pip install r3v[lmms], or `make lmms`)")
+
+
+def _requirement_lines(path: Path) -> list[str]:
+    lines = (line.split("#", 1)[0].strip() for line in path.read_text().splitlines())
+    return [line for line in lines if line]
+
+
+@pytest.mark.lmms
+@lmms
+def test_lean_requirements_are_lmms_evals_own_less_torchvision_and_timm():
+    """requirements/lmms-lean.txt is the installed lmms-eval's requirement list, less torchvision and timm."""
+    from importlib.metadata import requires, version
+
+    from packaging.requirements import Requirement
+
+    assert version("lmms-eval") == "0.7.3"  # the version `make lmms` installs and the list was taken from
+    own = [Requirement(r) for r in requires("lmms-eval")]
+    wanted = sorted(str(r) for r in own if r.marker is None and r.name not in ("torchvision", "timm"))
+    assert sorted(str(Requirement(r)) for r in _requirement_lines(ROOT / "requirements" / "lmms-lean.txt")) == wanted
+    assert {"torchvision", "timm"} <= {r.name for r in own}  # what the lean install leaves out is really there
+
+
+@pytest.mark.lmms
+@lmms
+def test_installed_set_satisfies_the_lmms_extra_and_the_lean_constraints():
+    """What is installed meets r3v's `lmms` extra and the lean install's constraints (torch's pin aside)."""
+    from importlib.metadata import requires, version
+
+    from packaging.requirements import Requirement
+
+    # r3v's installed metadata: what `pip install r3v[lmms]` resolves
+    extra = [r for r in map(Requirement, requires("r3v")) if r.marker is not None and r.marker.evaluate({"extra": "lmms"})]
+    assert {r.name for r in extra} == {"lmms-eval", "filelock"}
+    constraints = [Requirement(r) for r in _requirement_lines(ROOT / "requirements" / "lmms-lean-constraints.txt")]
+    for requirement in extra + [c for c in constraints if c.name not in ("torchvision", "timm")]:
+        assert requirement.specifier.contains(version(requirement.name), prereleases=True), (requirement, version(requirement.name))
+    # the extra and the lean install cap filelock alike (lmms-eval 0.7.3 imports filelock._api, gone in 4.3)
+    assert [r.specifier for r in extra if r.name == "filelock"] == [c.specifier for c in constraints if c.name == "filelock"]
+    importlib.import_module("filelock._api")
+
+
+@pytest.mark.lmms
+@pytest.mark.skipif(not LEAN_STAMP.exists() and not REQUIRE_LMMS, reason="not a venv with `make lmms`'s lean install")
+def test_lean_install_kept_torch_and_left_torchvision_and_timm_out():
+    """`make lmms` installed lmms-eval without replacing torch (a CPU wheel stays one) or adding torchvision/timm."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    assert LEAN_STAMP.exists() and TORCH_PIN.exists(), f"`make lmms` did not finish in {sys.prefix}"
+    assert TORCH_PIN.read_text().strip() == f"torch=={version('torch')}"  # the torch there before lmms-eval came
+    for name in ("torchvision", "timm"):
+        with pytest.raises(PackageNotFoundError):
+            version(name)
 
 
 def _expected_outputs(exported: Path, n: int, max_new_tokens: int, selector_name: str) -> list[str]:

@@ -349,7 +349,7 @@ def test_interrupted_sampling_resumes_without_asking_stored_work_again(clevr_tas
     assert len(asked_again) == len(examples) - len(stored_ids)
     assert asked_again == [clevr_task.cot_prompt(e) for e in examples[2:]]
     clean, clean_store = run(tmp_path / "clean.jsonl")
-    assert [s.to_dict() for s in store.samples()] == [s.to_dict() for s in clean_store.samples()]
+    assert store.samples() == clean_store.samples()  # equality leaves the measured seconds out
 
 
 def test_r3v_generate_with_the_openai_backend_resumes(clevr_task, tmp_path):

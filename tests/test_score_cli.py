@@ -36,7 +36,7 @@ def test_json_summary_and_verdicts(tmp_path, task, args, judge):
     result = run("--task", task, str(FIXTURES / task / "predictions.jsonl"), "--json", "--out", str(out), *args)
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
-    assert set(summary) == {"task", "n", "accuracy", "breakdown"}
+    assert set(summary) == {"task", "n", "accuracy", "breakdown", "scoring"} and summary["scoring"] == "r3v"
     verdicts = [json.loads(line) for line in out.read_text().splitlines()]
     want = expected(task, judge)
     assert [(v["answer"], v["correct"]) for v in verdicts] == want
@@ -138,7 +138,7 @@ def test_m3cot_reads_official_messages_and_rejects_neither(tmp_path):
     path.write_text(json.dumps({"id": "a", "choices": ["x", "y"], "answer": "B", "messages": ["q", "(B)"]}) + "\n"
                     + json.dumps({"id": "b", "choices": ["x", "y"], "answer": "B", "messages": []}) + "\n")
     result = run("--task", "m3cot", str(path), "--json", "--skip-bad")
-    assert json.loads(result.stdout) == {"task": "m3cot", "n": 1, "accuracy": 1.0, "breakdown": {}}
+    assert json.loads(result.stdout) == {"task": "m3cot", "n": 1, "accuracy": 1.0, "breakdown": {}, "scoring": "r3v"}
     assert "line 2" in result.stderr
 
 

@@ -118,7 +118,7 @@ def test_self_select_skips_the_model_when_all_candidates_agree(clevr_task, examp
     # No backend at all: a model call would raise, so success proves it was skipped.
     choice = selector.select(clevr_task, example, cands, backend=None)
     assert (choice.answer, choice.correct, choice.how, choice.raw_output) == (other(example), False, "skipped", None)
-    assert selector.counts == {"model": 0, "skipped": 1, "fallback": 0}
+    assert selector.counts == {"model": 0, "skipped": 1, "fallback": 0, "unparseable": 0}
 
 
 def test_self_select_does_not_skip_when_a_candidate_has_no_answer(clevr_task, example):
@@ -138,7 +138,7 @@ def test_untrained_model_output_falls_back_to_majority(clevr_task, examples, qwe
         assert choice.raw_output is not None
         assert clevr_task.extract(choice.raw_output, ex) is None
         assert (choice.how, choice.answer, choice.correct) == ("fallback", ex.answer, True)
-    assert selector.counts == {"model": 0, "skipped": 0, "fallback": len(examples)}
+    assert selector.counts == {"model": 0, "skipped": 0, "fallback": len(examples), "unparseable": 0}
     assert how_counts(choices)["fallback"] == len(examples)
 
 

@@ -18,9 +18,11 @@ from dataclasses import dataclass, field
 from itertools import permutations
 
 import pytest
+from volatile import without_seconds
 
 from r3v.backends.base import Backend
 from r3v.bench import BenchConfig, evaluate_selection, run_bench
+from r3v.config import SelectConfig
 from r3v.records import Completion, Request, Sample, Sampling
 
 #: A select prompt: "<question + CoT instruction>\n\n" then "Model's prediction k:\n<text>" blocks
@@ -158,8 +160,8 @@ def test_sel_at_n_is_the_accuracy_of_the_backends_picks(clevr_task, scripted):
 
     # Exactly the scripted fallbacks and skips; at k=1 only the question whose first sample has no
     # answer reaches the model, and its unparseable reply falls back to a vote with no votes.
-    assert results["counts"]["self-select"] == {"model": 7, "skipped": 2, "fallback": 3, "rule": 0}
-    assert results["counts_by_k"]["1"]["self-select"] == {"model": 0, "skipped": 11, "fallback": 1, "rule": 0}
+    assert results["counts"]["self-select"] == {"model": 7, "skipped": 2, "fallback": 3, "unparseable": 0, "rule": 0}
+    assert results["counts_by_k"]["1"]["self-select"] == {"model": 0, "skipped": 11, "fallback": 1, "unparseable": 0, "rule": 0}
     assert (results["skipped"], results["fallback"]) == (2, 3)
     assert results["ladder"]["1"]["sel@1"] == sum(s.correct for s in samples if s.sample_index == 0) / len(PLAN)
 
@@ -186,7 +188,8 @@ def test_candidates_are_shuffled_per_question_with_a_seed(clevr_task, scripted):
     other_results, other = run(clevr_task, examples, samples, rules, seed=1)
     orders = shown_orders(first, samples)
     assert all(sorted(order) == [0, 1, 2] for order in orders.values())  # each sample shown once
-    assert shown_orders(again, samples) == orders and again_results == first_results  # same on rerun
+    assert shown_orders(again, samples) == orders  # same on rerun
+    assert without_seconds(again_results) == without_seconds(first_results)
     assert len(set(orders.values())) > 1  # different across questions
     assert orders != {k: (0, 1, 2) for k in orders}  # and not the stored order
     assert shown_orders(other, samples) != orders  # another seed, another shuffle
@@ -261,8 +264,33 @@ def test_run_bench_end_to_end_scores_the_scripted_choices(clevr_task, qwen_backe
                 expected.append(False)
     assert results["accuracy"]["self-select"] == results["ladder"]["3"]["sel@3"] == sum(expected) / 4
     assert results["counts"]["self-select"] == {"model": how["model"], "skipped": how["skipped"],
-                                                "fallback": how["fallback"], "rule": 0}
+                                                "fallback": how["fallback"], "unparseable": 0, "rule": 0}
     # Not vacuous: the untrained tiny model's candidates carry no agreed answer, so the script's
     # replies decide (with seed 4: all four questions reach it, three with a parseable answer).
     assert how["model"] >= 1 and how["fallback"] + how["model"] + how["skipped"] == 4
     assert json.loads((tmp_path / "results.json").read_text())["accuracy"] == results["accuracy"]
+
+
+def test_the_reference_rules_always_ask_the_model_and_score_unreadable_replies_wrong(clevr_task, scripted):
+    # --reference's selection: no skip when the candidates agree, and an unparseable reply is
+    # wrong instead of falling back to the vote. Expected verdicts come from the plan alone.
+    examples, samples, rules = scripted
+    backend = ScriptedSelectBackend(rules)
+    results = evaluate_selection(backend, clevr_task, examples, samples, ks=(3,), selector_names=["self-select"],
+                                 seed=0, max_new_tokens=32, with_items=True,
+                                 select=SelectConfig(skip_when_agree=False, unparseable="wrong"))
+    asked = {seen.example_id for seen in backend.seen}
+    assert asked == {ex.id for ex in examples}  # every question reaches the model, agreeing ones too
+    items = {item["example_id"]: item["selectors"]["self-select"] for item in results["items"]}
+    garbage = [ex for ex, (_, rule, _) in zip(examples, PLAN, strict=True) if rule[0] == "garbage"]
+    for ex in garbage:
+        assert (items[ex.id]["how"], items[ex.id]["answer"], items[ex.id]["correct"]) == ("unparseable", None, False)
+    assert results["counts"]["self-select"] == {"model": len(PLAN) - len(garbage), "skipped": 0, "fallback": 0,
+                                                "unparseable": len(garbage), "rule": 0}
+    assert results["select"] == {"skip_when_agree": False, "unparseable": "wrong"}
+    # The default rules credit the agreeing-gold skip and the two fallbacks whose vote is gold
+    # (one by a tie); the reference rules credit none of them, and the model's own picks are unchanged.
+    default, _ = run(clevr_task, examples, samples, rules)
+    credited_by_shortcuts = sum(1 for _, rule, decided in PLAN if rule[0] == "garbage" and decided[1])
+    assert credited_by_shortcuts == 3
+    assert results["accuracy"]["self-select"] == pytest.approx(default["accuracy"]["self-select"] - 3 / len(PLAN))

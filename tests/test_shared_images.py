@@ -19,6 +19,7 @@ def examples(clevr_task):
 
 
 def repeated_image_items(task, examples) -> list[TrainItem]:
+    """Sets A, B, A, none, {B, A}, A, {B, A} (tests/test_families.py checks every family on it)."""
     first, second = examples
     pair = [second.images[0], first.images[0]]
     return [

@@ -31,8 +31,11 @@ def test_resume_after_partial_run_matches_uninterrupted(tmp_path, qwen_backend, 
     # Simulate a kill mid-write: the last chunk is half written and its last line torn.
     partial.write_text("".join(lines[:3]) + lines[3][: len(lines[3]) // 2])
     run_store(partial, qwen_backend, clevr_task, examples, settings, sampling)
-    assert partial.read_text() == full.read_text()
     records = [json.loads(line) for line in full.read_text().splitlines()]
+    # the same records in the same order; only the measured seconds differ between runs
+    assert [{**r, "seconds": 0} for r in map(json.loads, partial.read_text().splitlines())] == \
+        [{**r, "seconds": 0} for r in records]
+    assert all(r["seconds"] > 0 for r in records)
     assert len(records) == 12 and len({(r["example_id"], r["sample_index"]) for r in records}) == 12
 
 

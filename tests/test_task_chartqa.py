@@ -326,7 +326,7 @@ def test_real_warmup_prompts_and_rationales(shared_fixtures):
 
 # ------------------------------------------------------------------------------------------ r3v score
 def test_flags_accept_text_from_the_command_line():
-    assert ChartQA(relaxed="true").relaxed is True and ChartQA(relaxed="false").relaxed is False
+    assert ChartQA(relaxed="true").options.relaxed is True and ChartQA(relaxed="false").options.relaxed is False
     with pytest.raises(ValueError, match="relaxed must be true or false"):
         ChartQA(relaxed="2")
 

@@ -263,4 +263,4 @@ def test_score_file_on_question_records(tmp_path):
         "subtraction-multihop": {"n": 1, "accuracy": 0.0},
     }
     assert ClevrMath().example_from_record({"question": "q", "label": 4}, 0).answer == "4"
-    assert ClevrMath(skip_bad="yes").skip_bad is True
+    assert ClevrMath(skip_bad="yes").options.skip_bad is True

@@ -162,7 +162,7 @@ def _copy(tmp_path: Path, mutate) -> Path:
         (lambda rows: rows[1].update(answer="F"), "outside the 4 choices"),
         (lambda rows: rows[1].update(image="images/nope.png"), "image file not found"),
         (lambda rows: rows[1].update(image="../../etc/passwd"), "escapes the data root"),
-        (lambda rows: rows[1].update(question=7), "should be a string"),
+        (lambda rows: rows[1].update(question=7), "field 'question' should be str"),
     ],
 )
 def test_bad_record_names_file_and_record(tmp_path, mutate, problem):

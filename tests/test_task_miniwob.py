@@ -155,7 +155,7 @@ def test_missing_and_corrupt_files(tmp_path):
     with pytest.raises(DataError, match="needs --data-dir"):
         MiniWob().load("train")
     (tmp_path / "miniwob_data_train.json").write_text('{"click-button": [[')
-    with pytest.raises(DataError, match="malformed JSON"):
+    with pytest.raises(DataError, match="not valid JSON"):
         MiniWob().load("train", data_dir=tmp_path)
     (tmp_path / "miniwob_data_train.json").write_text("[]")
     with pytest.raises(DataError, match="task_name -> episodes"):

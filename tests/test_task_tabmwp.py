@@ -344,8 +344,8 @@ def test_real_warmup_prompts_and_rationales(shared_fixtures):
 
 # ------------------------------------------------------------------------------------------ r3v score
 def test_flags_accept_text_from_the_command_line():
-    assert TabMWP(unparseable_as_zero="true").unparseable_as_zero is True
-    assert TabMWP(skip_bad="false").skip_bad is False
+    assert TabMWP(unparseable_as_zero="true").options.unparseable_as_zero is True
+    assert TabMWP(skip_bad="false").options.skip_bad is False
     with pytest.raises(ValueError, match="unparseable_as_zero must be true or false"):
         TabMWP(unparseable_as_zero="sometimes")
 

@@ -317,15 +317,17 @@ def test_config_presets_and_validation():
 
 @pytest.mark.parametrize("name", ["tiny_qwen", "tiny_llava"])
 def test_the_tiny_preset_freezes_the_image_path_and_trains_the_language_model(name, request):
-    from r3v.models.shared_images import ENCODER_PARAMETERS, encoder_is_frozen
+    from r3v.models.families import image_path_parameters
+    from r3v.models.shared_images import encoder_is_frozen
 
     model = prepare_model(load_model(request.getfixturevalue(name)).model, tiny_preset())
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert trainable and not [n for n in trainable if ENCODER_PARAMETERS.search(n)]
+    image_path = {n for n, _ in image_path_parameters(model)}
+    assert trainable and image_path and not image_path & set(trainable)
     assert any("language_model" in n for n in trainable) and encoder_is_frozen(model)
     # Only the tower frozen: the projector / merger trains.
     model = prepare_model(load_model(request.getfixturevalue(name)).model, replace(tiny_preset(), freeze_projector=False))
-    projector = [n for n, p in model.named_parameters() if p.requires_grad and ENCODER_PARAMETERS.search(n)]
+    projector = [n for n, p in image_path_parameters(model) if p.requires_grad]
     assert projector and all(("merger" in n) or ("multi_modal_projector" in n) for n in projector)
 
 

@@ -637,8 +637,25 @@ def test_the_store_sends_vllm_many_chunks_per_call_and_writes_the_same_file(stan
         ])
         assert result.exit_code == 0, result.output
         (engine,) = standin_vllm.ENGINES
-        files[label] = (out.read_bytes(), [len(call["prompts"]) for call in engine.calls])
+        # the same samples: every field but the measured seconds
+        records = [{**json.loads(line), "seconds": None} for line in out.read_text().splitlines()]
+        files[label] = (records, [len(call["prompts"]) for call in engine.calls])
     assert files["default"][1] == [7]  # four chunks, one engine call
     assert files["two-per-call"][1] == [2, 2, 2, 1]
     assert files["one-chunk"][1] == [2, 2, 2, 1]  # never less than one chunk
     assert files["default"][0] == files["two-per-call"][0] == files["one-chunk"][0]
+
+
+def test_the_generation_configs_repetition_penalty_reaches_vllm(standin_vllm, tiny_qwen, tmp_path):
+    # vLLM's SamplingParams do not read the model's generation config: the backend passes it on
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_qwen, folder)
+    config = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({**config, "repetition_penalty": 1.05}))
+    backend = VLLMBackend(model=str(folder))
+    assert backend.sampling_kwargs(Sampling(n=2), 0)["repetition_penalty"] == 1.05
+    assert backend.sampling_kwargs(Sampling.greedy_decoding(), 0)["repetition_penalty"] == 1.05
+    assert backend.sampling_kwargs(Sampling(n=2, repetition_penalty=1.0), 0)["repetition_penalty"] == 1.0
+    plain = VLLMBackend(model="tiny-qwen2-vl")  # its generation config sets none
+    assert plain.sampling_kwargs(Sampling(n=2), 0)["repetition_penalty"] == 1.0
+    standin_vllm.SamplingParams(**backend.sampling_kwargs(Sampling(n=2), 0))  # a name vLLM knows

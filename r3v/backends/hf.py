@@ -24,7 +24,7 @@ loop does not reproduce) fall back to ``generate`` with ``num_return_sequences``
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -63,6 +63,13 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         scores = scores.masked_fill(drop, float("-inf"))
     return scores
+
+
+def penalize_repeats(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
+    """transformers' repetition penalty: the logit of every token a row has seen is divided by
+    ``penalty`` when positive and multiplied by it when negative."""
+    seen = torch.gather(logits, 1, history)
+    return logits.scatter(1, history, torch.where(seen < 0, seen * penalty, seen / penalty))
 
 
 def draw(scores: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
@@ -104,6 +111,9 @@ class DecodeState:
     step_inputs: dict[str, torch.Tensor]  # per-row inputs every decoding step repeats (token types)
     rows: torch.Tensor  # (rows,) output slot of each row
     cache_key: str
+    #: (rows, length): every token id each row has seen, prompt padding included, as ``generate``'s
+    #: ``input_ids``; read by the repetition penalty.
+    history: torch.Tensor | None = None
 
     def select(self, index: torch.Tensor) -> None:
         """Keep only the rows in ``index`` (in that order), cache included."""
@@ -114,6 +124,8 @@ class DecodeState:
             self.position_ids = self.position_ids.index_select(self.position_ids.dim() - 2, index)
         self.step_inputs = {k: v[index] for k, v in self.step_inputs.items()}
         self.rows = self.rows[index]
+        if self.history is not None:
+            self.history = self.history[index]
 
     def repeat(self, n: int) -> None:
         """Each row becomes ``n`` consecutive rows sharing its prefill; slot s becomes s*n .. s*n+n-1."""
@@ -126,6 +138,8 @@ class DecodeState:
             self.position_ids = self.position_ids.repeat_interleave(n, dim=self.position_ids.dim() - 2)
         self.step_inputs = {k: v.repeat_interleave(n, dim=0) for k, v in self.step_inputs.items()}
         self.rows = (self.rows[:, None] * n + torch.arange(n, device=self.rows.device)).flatten()
+        if self.history is not None:
+            self.history = self.history.repeat_interleave(n, dim=0)
 
 
 def prefill(model, batch: dict[str, torch.Tensor]) -> DecodeState:
@@ -155,6 +169,7 @@ def prefill(model, batch: dict[str, torch.Tensor]) -> DecodeState:
         step_inputs=step_inputs,
         rows=torch.arange(input_ids.shape[0], device=input_ids.device),
         cache_key=cache_key,
+        history=input_ids,
     )
 
 
@@ -208,20 +223,26 @@ def decode(
     stopped_slots = torch.zeros(slots, dtype=torch.bool, device=device)
     kept: list[list[torch.Tensor]] | None = [[] for _ in range(slots)] if keep_logits else None
     done = torch.zeros(slots, dtype=torch.bool, device=device)  # by row of the current batch
+    penalty = sampling.repetition_penalty or 1.0
     for step in range(sampling.max_new_tokens):
+        logits = state.logits
+        if penalty != 1.0:  # before temperature and the filters, as generate's processors run
+            logits = penalize_repeats(logits, state.history, penalty)
         if greedy:
-            next_tokens = state.logits.argmax(dim=-1)
+            next_tokens = logits.argmax(dim=-1)
         else:
-            scores = filter_logits(state.logits, sampling.temperature, sampling.top_k, sampling.top_p)
+            scores = filter_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p)
             next_tokens = draw(scores, uniforms[state.rows, step])
         # Finished rows still in the batch feed padding, as generate does.
         next_tokens = next_tokens.masked_fill(done, pad_token_id)
+        if penalty != 1.0:
+            state.history = torch.cat([state.history, next_tokens[:, None]], dim=1)
         live = state.rows[~done]
         out[live, step] = next_tokens[~done]
         lengths[live] += 1
         if kept is not None:
             for row in (~done).nonzero().flatten().tolist():
-                kept[int(state.rows[row])].append(state.logits[row].clone())
+                kept[int(state.rows[row])].append(logits[row].clone())
         stopped = torch.isin(next_tokens, stop) & ~done
         stopped_slots[state.rows[stopped]] = True
         done |= stopped
@@ -263,7 +284,10 @@ def supports_shared_prefill(model) -> bool:
 
     They mirror GenerationMixin's own input preparation; models that override
     ``prepare_inputs_for_generation`` (Gemma 3, Mllama, PaliGemma, ...) add inputs the loop does
-    not know about, so they go through ``generate`` instead.
+    not know about, so they go through ``generate`` instead. Of the families r3v builds tiny models
+    of, Gemma 3 alone falls back: its token types (bidirectional attention over each image's tokens)
+    go to the prefill only, which the loop does not mirror; tests/test_families.py checks both paths
+    against ``generate``.
     """
     from transformers import GenerationMixin
 
@@ -284,6 +308,7 @@ def generate_group(
         "max_new_tokens": sampling.max_new_tokens,
         "pad_token_id": pad_token_id,
         "eos_token_id": sorted(stop_ids),
+        "repetition_penalty": sampling.repetition_penalty or 1.0,
     }
     if sampling.greedy:
         kwargs.update(do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None)
@@ -356,6 +381,8 @@ class HFBackend:
     def generate(self, requests: list[Request], sampling: Sampling) -> list[list[Completion]]:
         from r3v.models.batching import batches_by_token_budget, collate, encode
 
+        if sampling.repetition_penalty is None:  # the model's own, as generate would apply it
+            sampling = replace(sampling, repetition_penalty=self.repetition_penalty)
         encoded = [encode(self.processor, self.prompt_text(r), r.images) for r in requests]
         lengths = [e["input_ids"].shape[0] for e in encoded]
         n = 1 if sampling.greedy else sampling.n
@@ -391,6 +418,11 @@ class HFBackend:
         if sampling.greedy and sampling.n > 1:
             results = [r * sampling.n for r in results]
         return results
+
+    @property
+    def repetition_penalty(self) -> float:
+        """The model's generation config's repetition penalty (1: none)."""
+        return float(getattr(self.loaded.model.generation_config, "repetition_penalty", None) or 1.0)
 
     def _stop_ids(self) -> list[int]:
         ids = self.loaded.model.generation_config.eos_token_id

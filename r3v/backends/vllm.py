@@ -245,12 +245,6 @@ def resolve_options(
     return options, extra
 
 
-def _uses_qwen2_vl_image_processor(processor: Any) -> bool:
-    """Whether the processor resizes images by a pixel budget (Qwen2-VL, Qwen2.5-VL and kin)."""
-    image_processor = getattr(processor, "image_processor", None)
-    return any(cls.__name__.startswith("Qwen2VLImageProcessor") for cls in type(image_processor).__mro__)
-
-
 def _completions_from_outputs(outputs: list[Any], expected: int) -> list[list[Completion]]:
     """r3v completions from vLLM ``RequestOutput`` objects, checking each finish reason."""
     if len(outputs) != expected:
@@ -448,6 +442,7 @@ class VLLMBackend:
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self.max_images_per_prompt = 1 if settings["max_images_per_prompt"] is None else settings["max_images_per_prompt"]
         self.stop_token_ids = self._stop_ids(trust_remote_code)
+        self.repetition_penalty = self._repetition_penalty(trust_remote_code)
 
         options: dict[str, Any] = {"limit_mm_per_prompt": {"image": self.max_images_per_prompt}}
         for name in ("tensor_parallel_size", "max_model_len", "gpu_memory_utilization", "max_num_seqs",
@@ -457,16 +452,7 @@ class VLLMBackend:
         if trust_remote_code:  # only when asked: model code from the hub runs with this
             options["trust_remote_code"] = True
         if settings["max_pixels"] is not None:
-            if not _uses_qwen2_vl_image_processor(self.processor):
-                raise ValueError(
-                    f"max_pixels applies to Qwen2-VL-family image processors; {model} uses "
-                    f"{type(getattr(self.processor, 'image_processor', None)).__name__}. Pass its own "
-                    "resizing options through engine_kwargs={'mm_processor_kwargs': {...}}"
-                )
-            processor_kwargs = dict(extra.pop("mm_processor_kwargs", None) or {})
-            if "max_pixels" in processor_kwargs:
-                raise ValueError("max_pixels is given both as an option and in engine_kwargs['mm_processor_kwargs']")
-            options["mm_processor_kwargs"] = {**processor_kwargs, "max_pixels": settings["max_pixels"]}
+            options.update(self._pixel_cap_options(model, settings["max_pixels"], extra))
 
         self.lora_request = None
         if adapter:
@@ -558,11 +544,38 @@ class VLLMBackend:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
+    def _pixel_cap_options(self, model: str, max_pixels: int, extra: dict[str, Any]) -> dict[str, Any]:
+        """The engine options that apply ``max_pixels``: vLLM runs the model's HF processor with
+        ``mm_processor_kwargs``, so the cap goes there in the family's own terms (Qwen2-VL family:
+        ``max_pixels``; Idefics3 / SmolVLM: ``size.longest_edge``; InternVL: ``max_patches``).
+        LLaVA-OneVision's anyres grid is capped by downscaling the images r3v sends
+        (``engine_inputs``). Fixed-size processors (LLaVA, Gemma 3) have nothing to cap: refused."""
+        from r3v.models.processors import cap_kind, processor_call_kwargs, set_pixel_cap
+
+        try:
+            cap = processor_call_kwargs(self.processor, max_pixels)
+        except ValueError as exc:
+            raise ValueError(f"{model}: {exc}. Pass its own resizing options through "
+                             "engine_kwargs={'mm_processor_kwargs': {...}}") from exc
+        if cap_kind(self.processor) == "pixel_budget":
+            cap = {"max_pixels": max_pixels}  # as given: vLLM's processor applies its own bounds
+        set_pixel_cap(self.processor, max_pixels)  # anyres: engine_inputs downscales the images
+        processor_kwargs = dict(extra.pop("mm_processor_kwargs", None) or {})
+        both = sorted(set(cap) & set(processor_kwargs))
+        if both:
+            raise ValueError(f"{', '.join(both)} is given both as an option and in engine_kwargs['mm_processor_kwargs'] "
+                             "(the max_pixels option sets it)")
+        return {"mm_processor_kwargs": {**processor_kwargs, **cap}} if cap or processor_kwargs else {}
+
     def prompt_text(self, request: Request) -> str:
         return self.processor.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=False)
 
     def engine_inputs(self, request: Request, index: int = 0) -> dict[str, Any]:
-        """The prompt dict vLLM takes: rendered text, plus the images when there are any."""
+        """The prompt dict vLLM takes: the text rendered by the model's own chat template (so the
+        family's image placeholders, which vLLM expands), plus the images when there are any,
+        downscaled to the pixel cap where the cap is on the image itself (LLaVA-OneVision)."""
+        from r3v.models.processors import fit_image
+
         if len(request.images) > self.max_images_per_prompt:
             raise DataError(
                 f"request {index} has {len(request.images)} images but the engine allows "
@@ -570,8 +583,8 @@ class VLLMBackend:
             )
         inputs: dict[str, Any] = {"prompt": self.prompt_text(request)}
         if request.images:
-            images = request.images[0] if len(request.images) == 1 else list(request.images)
-            inputs["multi_modal_data"] = {"image": images}
+            fitted = [fit_image(self.processor, image) for image in request.images]
+            inputs["multi_modal_data"] = {"image": fitted[0] if len(fitted) == 1 else fitted}
         return inputs
 
     def sampling_kwargs(self, sampling: Sampling, request_index: int) -> dict[str, Any]:
@@ -581,6 +594,9 @@ class VLLMBackend:
             "seed": request_seed(sampling.seed, request_index),
             "stop_token_ids": list(self.stop_token_ids),
             "skip_special_tokens": True,
+            # vLLM's SamplingParams ignore the model's generation config: pass its penalty on, as
+            # the HF backend applies it (Qwen2-VL-Instruct's is 1.05)
+            "repetition_penalty": sampling.repetition_penalty or self.repetition_penalty,
         }
         if sampling.greedy:
             # one greedy decode, copied n times by the caller, as the HF backend does
@@ -655,6 +671,16 @@ class VLLMBackend:
         request_ids = [f"r3v-{next(self._request_numbers)}" for _ in prompts]
         outputs = self._loop.run(_generate_all(self.async_llm, prompts, sampling, request_ids, self.lora_request))
         return _completions_from_outputs(outputs, len(prompts))
+
+    def _repetition_penalty(self, trust_remote_code: bool) -> float:
+        """The generation config's repetition penalty (1: none, also for a model without the file)."""
+        from transformers import GenerationConfig
+
+        try:
+            penalty = GenerationConfig.from_pretrained(self.path, trust_remote_code=trust_remote_code).repetition_penalty
+        except OSError:
+            penalty = None
+        return float(penalty or 1.0)
 
     def _stop_ids(self, trust_remote_code: bool) -> list[int]:
         """The model's end-of-turn ids, as the HF backend stops on them (generation config + tokenizer)."""

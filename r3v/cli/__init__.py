@@ -14,6 +14,7 @@ COMMANDS = {
     "score": ("r3v.cli.score", "score", "Score existing model outputs with a task's official rules."),
     "train": ("r3v.cli.train", "train", "Run the R3V self-training loop for N iterations."),
     "bench": ("r3v.cli.bench", "bench", "Sample N answers per test question, then compare selectors."),
+    "probe": ("r3v.cli.probe", "probe", "Tell a model that reads the image from one that answers from the prior."),
     "distill": ("r3v.cli.distill", "distill", "Collect warm-up rationales from a teacher model."),
     "export": ("r3v.cli.export", "export", "Export a model, e.g. merge a LoRA adapter into a checkpoint."),
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -10,7 +11,22 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from r3v.cli.common import console, friendly_errors, make_backend, make_task, quiet_libraries
+from r3v.cli.common import (
+    console,
+    data_options,
+    dataclass_defaults,
+    friendly_errors,
+    make_backend,
+    make_task,
+    quiet_libraries,
+    report_bad_records,
+    split_task_args,
+)
+from r3v.distill import DistillConfig
+from r3v.tasks.base import given_options
+
+#: The defaults of every option below that is a DistillConfig field.
+DEFAULTS = dataclass_defaults(DistillConfig)
 
 #: Options that only the openai backend takes, as (CLI parameter, backend option).
 HTTP_OPTIONS = (
@@ -26,26 +42,27 @@ HTTP_OPTIONS = (
 @click.option(
     "--teacher", required=True, help="Teacher: API model name (openai), or hub id / folder (hf, vllm)."
 )
-@click.option("--backend", "backend_name", default="openai", show_default=True, help="openai, hf or vllm.")
+@click.option("--backend", "backend_name", default=DEFAULTS["backend"], show_default=True, help="openai, hf or vllm.")
 @click.option("--task", "task_name", default="clevr-synth", show_default=True)
-@click.option("--split", default="train", show_default=True)
-@click.option(
-    "--data-dir", type=click.Path(file_okay=False), default=None, help="Folder with the task's files."
-)
-@click.option("--limit", type=int, default=1000, show_default=True, help="Ask the first K questions.")
+@click.option("--split", default=DEFAULTS["split"], show_default=True)
+@data_options
+@click.option("--limit", type=int, default=DEFAULTS["limit"], show_default=True, help="Ask the first K questions.")
 @click.option(
     "--out", "out_path", type=click.Path(dir_okay=False), required=True, help="Warm-up file (JSONL)."
 )
-@click.option("--tries", default=3, show_default=True, help="Rounds; each asks only the unsolved questions.")
-@click.option("--n", default=1, show_default=True, help="Rationales asked per question per round.")
-@click.option("--keep-per-question", default=1, show_default=True, help="Distinct correct rationales kept.")
-@click.option("--temperature", default=0.7, show_default=True)
-@click.option("--top-p", default=0.95, show_default=True)
-@click.option("--top-k", default=50, show_default=True, help="Used by hf and vllm; openai sends none.")
-@click.option("--max-new-tokens", default=1024, show_default=True)
-@click.option("--seed", default=0, show_default=True)
-@click.option("--chunk-size", default=32, show_default=True, help="Questions per call and per resume unit.")
-@click.option("--answer-hint", is_flag=True, help="Tell the teacher to end with the task's answer line.")
+@click.option("--tries", default=DEFAULTS["tries"], show_default=True,
+              help="Rounds; each asks only the unsolved questions.")
+@click.option("--n", default=DEFAULTS["n"], show_default=True, help="Rationales asked per question per round.")
+@click.option("--keep-per-question", default=DEFAULTS["keep_per_question"], show_default=True,
+              help="Distinct correct rationales kept.")
+@click.option("--temperature", default=DEFAULTS["temperature"], show_default=True)
+@click.option("--top-p", default=DEFAULTS["top_p"], show_default=True)
+@click.option("--top-k", default=DEFAULTS["top_k"], show_default=True, help="Used by hf and vllm; openai sends none.")
+@click.option("--max-new-tokens", default=DEFAULTS["max_new_tokens"], show_default=True)
+@click.option("--seed", default=DEFAULTS["seed"], show_default=True)
+@click.option("--chunk-size", default=DEFAULTS["chunk_size"], show_default=True,
+              help="Questions per call and per resume unit.")
+@click.option("--answer-hint", is_flag=True, default=DEFAULTS["answer_hint"], help="Tell the teacher to end with the task's answer line.")
 @click.option("--base-url", default=None, help="openai: API root [default: $R3V_OPENAI_BASE_URL, OpenAI].")
 @click.option(
     "--api-key-env", default=None, help="openai: environment variable with the key [OPENAI_API_KEY]."
@@ -61,7 +78,7 @@ HTTP_OPTIONS = (
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
 @friendly_errors
 def distill(
-    teacher, backend_name, task_name, split, data_dir, limit, out_path, tries, n, keep_per_question,
+    teacher, backend_name, task_name, split, data_dir, skip_bad, allow_outside_paths, task_args, limit, out_path, tries, n, keep_per_question,
     temperature, top_p, top_k, max_new_tokens, seed, chunk_size, answer_hint, base_url, api_key_env,
     max_concurrency, timeout, max_retries, price_prompt, price_completion, trust_remote_code, as_json,
 ):  # fmt: skip
@@ -71,7 +88,7 @@ def distill(
     and a manifest beside it. Rerunning the same command resumes: stored answers are not asked again.
     """
     from r3v.backends.openai import BackendError
-    from r3v.distill import DistillConfig, Prices
+    from r3v.distill import Prices
     from r3v.distill import distill as run_distill
 
     given = {"base_url": base_url, "api_key_env": api_key_env, "max_concurrency": max_concurrency,
@@ -93,8 +110,11 @@ def distill(
         )  # fmt: skip
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
-    task = make_task(task_name)
+    task = make_task(task_name, task_args, skip_bad=skip_bad, allow_outside_paths=allow_outside_paths)
+    config = replace(config, task_args=given_options(task, split_task_args(task_args)))
     examples = task.load(split, data_dir=data_dir, limit=limit)
+    if not as_json:
+        report_bad_records(task.bad_records)
     try:
         backend = make_backend(backend_name, teacher, None, trust_remote_code, **backend_options)
     except ValueError as exc:  # a missing key, a bad URL: say so in one line
@@ -129,7 +149,8 @@ def distill(
 def report_table(report) -> Table:
     table = Table(title=f"distillation: {report.teacher} on {report.task}/{report.split}", show_header=False)
     table.add_column("what")
-    table.add_column("value", justify="right")
+    # long values (the output path) fold onto more lines rather than being cut at 80 columns
+    table.add_column("value", justify="right", overflow="fold")
     table.add_row("questions asked", str(report.questions))
     table.add_row("questions kept (yield)", f"{report.kept_questions} ({report.yield_rate:.1%})")
     table.add_row("rationales written", f"{report.rationales} -> {report.out}")

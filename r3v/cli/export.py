@@ -5,7 +5,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from r3v.cli.common import friendly_errors, quiet_libraries
+from r3v.cli.common import data_options, friendly_errors, quiet_libraries
 
 
 @click.command()
@@ -22,11 +22,11 @@ from r3v.cli.common import friendly_errors, quiet_libraries
               help="r3v task to export with --lmms-tasks (repeatable).")
 @click.option("--split", default="test", show_default=True)
 @click.option("--limit", type=int, default=None, help="Export only the first K questions.")
-@click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Folder with the task's official files.")
+@data_options
 @click.option("--prompt", "prompt_kind", type=click.Choice(["cot", "qa"]), default="cot", show_default=True)
 @friendly_errors
 def export(do_merge, model, adapter, out_dir, dtype, overwrite, trust_remote_code, lmms_dir, task_names, split,
-           limit, data_dir, prompt_kind):
+           limit, data_dir, skip_bad, allow_outside_paths, task_args, prompt_kind):
     """Export for other tools.
 
     \b
@@ -34,6 +34,7 @@ def export(do_merge, model, adapter, out_dir, dtype, overwrite, trust_remote_cod
         a full checkpoint with the LoRA adapter merged in (loads in transformers and vLLM).
     r3v export --lmms-tasks DIR --task clevr-synth --split test --limit K
         an lmms-eval task folder: lmms-eval --include_path DIR --tasks r3v_clevr_synth ...
+        (--task-arg options apply to every --task, and the folder's hooks use them.)
     """
     if not do_merge and not lmms_dir:
         raise click.UsageError("nothing to export: give --merge (with --adapter and --out) or --lmms-tasks DIR")
@@ -48,12 +49,16 @@ def export(do_merge, model, adapter, out_dir, dtype, overwrite, trust_remote_cod
                              trust_remote_code=trust_remote_code)
         console.print(f"merged {adapter} into {model} -> {path}")
     if lmms_dir:
+        from r3v.cli.common import make_task, report_bad_records, split_task_args
         from r3v.integrations.lmms_tasks import export_lmms_task
 
         names = []
         for name in task_names:
+            # built here so that a bad --task-arg is a usage error; the export records the same args
+            task = make_task(name, task_args, skip_bad=skip_bad, allow_outside_paths=allow_outside_paths)
             yaml_path = export_lmms_task(name, Path(lmms_dir), split=split, limit=limit, data_dir=data_dir,
-                                         prompt=prompt_kind)
+                                         prompt=prompt_kind, task_args=split_task_args(task_args), built=task)
+            report_bad_records(task.bad_records)
             names.append(yaml_path.stem)
             console.print(f"lmms-eval task {yaml_path.stem} -> {yaml_path}")
         console.print(f"use: lmms-eval --include_path {lmms_dir} --tasks {','.join(names)} --model r3v ...")

@@ -6,7 +6,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from r3v.cli.common import console, friendly_errors, make_task, parse_task_args
+from r3v.cli.common import console, friendly_errors, make_task, task_options
 
 
 @click.command()
@@ -15,11 +15,12 @@ from r3v.cli.common import console, friendly_errors, make_task, parse_task_args
 @click.option("--json", "as_json", is_flag=True, help='Print {"task", "n", "accuracy", "breakdown"} as JSON on stdout.')
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None,
               help="Write one verdict per input line (JSONL, input order).")
-@click.option("--skip-bad", is_flag=True, help="Skip bad lines (counted and listed) instead of stopping.")
-@click.option("--task-arg", "task_args", multiple=True, metavar="KEY=VALUE",
-              help="Option for the task, repeatable; e.g. judge=r3v for geoqa.")
+@task_options
 @friendly_errors
-def score(task_name: str, file: str, as_json: bool, out_path: str | None, skip_bad: bool, task_args: tuple[str, ...]) -> None:
+def score(
+    task_name: str, file: str, as_json: bool, out_path: str | None, skip_bad: bool, allow_outside_paths: bool,
+    task_args: tuple[str, ...],
+) -> None:
     """Score the model outputs in FILE (JSON lines) with a task's official rules.
 
     Each line is one record in the benchmark's own field names plus "prediction", the raw model
@@ -28,7 +29,8 @@ def score(task_name: str, file: str, as_json: bool, out_path: str | None, skip_b
     from r3v.io import atomic_write_text
     from r3v.scoring import score_file
 
-    task = make_task(task_name, task_args=parse_task_args(task_args))
+    # --skip-bad here skips the bad lines of FILE (score_file); the task loads no data of its own
+    task = make_task(task_name, task_args, skip_bad=skip_bad, allow_outside_paths=allow_outside_paths)
     report = score_file(task, file, skip_bad=skip_bad, task_name=task_name)
 
     if out_path:
@@ -45,8 +47,9 @@ def score(task_name: str, file: str, as_json: bool, out_path: str | None, skip_b
 
 def _table(report) -> Table:
     table = Table(title=f"{report.task}: {report.correct}/{report.n} correct")
-    table.add_column("group")
-    table.add_column("value")
+    # a breakdown value can be one long word (a topic, a MiniWob task name): fold it, never cut it
+    table.add_column("group", overflow="fold")
+    table.add_column("value", overflow="fold")
     table.add_column("n", justify="right")
     table.add_column("accuracy", justify="right")
     table.add_row("all", "", str(report.n), f"{100 * report.accuracy:.2f}%")

@@ -22,13 +22,13 @@ from r3v.cli.common import (
     console,
     data_options,
     engine_options,
-    engine_settings,
     friendly_errors,
     make_task,
     parse_task_args,
     quiet_libraries,
 )
-from r3v.config import LoopConfig, TrainConfig, nested, parse_override
+from r3v.config import SELECT_TARGETS, LoopConfig, TrainConfig, nested, parse_override
+from r3v.models.presets import PRESETS
 
 DEFAULTS = LoopConfig()
 TRAIN_DEFAULTS = TrainConfig()
@@ -115,14 +115,15 @@ FLAG_KEYS = (
               help=f"Candidates per test question for self-select (0: Test@1 only) [default: {DEFAULTS.eval.samples}].")
 @click.option("--eval-max-new-tokens", type=click.IntRange(min=1), default=None,
               help="Token limit at evaluation [default: --max-new-tokens].")
-@click.option("--select-target", type=click.Choice(["answer", "solution"]), default=None,
-              help="Self-select target: the answer line (official code, default) or the chosen solution (paper figure).")
+@click.option("--select-target", type=click.Choice(SELECT_TARGETS), default=None,
+              help="Self-select target: the answer line (default), the bare value, or the chosen solution (paper figure).")
 @click.option("--select-sizes", default=None,
               help="Candidates per self-select item, e.g. 3 (R3V, default) or 2,3,4,5,6 (for test-time scaling).")
 @click.option("--check-equations/--no-check-equations", default=None,
               help="Use a right-answer sample as a positive only if every `a + b = c` step in it holds [default: off].")
-@click.option("--preset", type=click.Choice(["auto", "tiny", "default", "qwen-vl", "llava", "qwen2-vl"]), default=None,
-              help="Trainer preset the training flags override [default: auto: the model folder's, else its family's].")
+@click.option("--preset", type=click.Choice(["auto", *PRESETS]), default=None,
+              help="Trainer preset the training flags override [default: auto: the model folder's r3v.json, else its "
+                   "family's; an unknown family gets the default preset].")
 @click.option("--epochs", type=float, default=None, help="Training epochs [default: the preset's].")
 @click.option("--lr", "learning_rate", type=float, default=None, help="Learning rate [default: the preset's].")
 @click.option("--global-batch", type=click.IntRange(min=1), default=None,
@@ -157,9 +158,8 @@ FLAG_KEYS = (
 @engine_options
 @click.option("--trust-remote-code", is_flag=True, default=None, help="Allow model code from the hub (off by default).")
 @friendly_errors
-def train(overrides, config_file, method, no_refine, no_select, out_dir, select_sizes, task_args, device,
-          tensor_parallel_size, data_parallel_size, max_model_len, gpu_memory_utilization, max_num_seqs,
-          max_lora_rank, trust_remote_code, **flags):
+def train(overrides, config_file, method, no_refine, no_select, out_dir, select_sizes, task_args, reference, device,
+          engine, trust_remote_code, **flags):
     """Run the R3V self-training loop: a warm-up (iteration 0), then N iterations of
     sample → build (self-CoT, self-refine, self-select) → train → evaluate.
 
@@ -179,6 +179,8 @@ def train(overrides, config_file, method, no_refine, no_select, out_dir, select_
         given.append({"task": {"allow_outside_paths": True}})
     if task_args:
         given.append({"task": {"args": parse_task_args(task_args)}})
+    if reference:  # the task's reference release, with selection, loss and build settings (r3v.reference)
+        given.append({"reference": True})
     if flags.get("skip_warmup_train"):
         given.append({"warmup": {"skip_training": True}})
     if method or no_refine or no_select:
@@ -189,9 +191,6 @@ def train(overrides, config_file, method, no_refine, no_select, out_dir, select_
         given.append({"train": {"auto_batch_size": True}})
     if trust_remote_code:
         given.append({"backend": {"trust_remote_code": True}, "train": {"trust_remote_code": True}})
-    engine = engine_settings(tensor_parallel_size=tensor_parallel_size, data_parallel_size=data_parallel_size,
-                             max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
-                             max_num_seqs=max_num_seqs, max_lora_rank=max_lora_rank)
     if device:
         engine["device"] = device
     if engine:
@@ -222,7 +221,7 @@ def train(overrides, config_file, method, no_refine, no_select, out_dir, select_
         rows = run_loop(config, out, log=console.print, progress=progress, task=task)
 
     stdout = Console()
-    for table in (results_table(rows, config.eval.samples), training_table(rows), timing_table(out)):
+    for table in (results_table(rows, config.eval.samples), training_table(rows), pool_table(rows), timing_table(out)):
         if table is not None:
             stdout.print(table)
     stdout.print(f"metrics: {out / 'metrics.jsonl'}\ntiming: {out / 'timing.json'}")
@@ -256,9 +255,10 @@ def results_table(rows: list[dict], eval_samples: int) -> Table:
     table = Table(title="R3V iterations: accuracy (%)", box=box.SIMPLE_HEAD, pad_edge=False,
                   caption=f"sel/maj/pass: self-select, majority vote and any-right over {n} test samples; "
                           "train pass: any of the iteration's train samples right")
-    for name in ("iter", "Test@1", f"sel@{n}", f"maj@{n}", f"pass@{n}", "train pass"):
+    for name in ("iter", "Test@1", f"sel@{n}", f"maj@{n}", f"pass@{n}", "train pass", "sel tok/q", "maj tok/q"):
         table.add_column(name, justify="right")
     for row in rows:
+        compute = row.get("selection_compute") or {}
         table.add_row(
             str(row["iteration"]),
             _percent(row["test_accuracy"]),
@@ -266,7 +266,28 @@ def results_table(rows: list[dict], eval_samples: int) -> Table:
             _percent(row.get("majority_accuracy")),
             _percent(row.get("pass_at_n")),
             _percent((row.get("train_samples") or {}).get("pass_at_n")),
+            *(_tokens(compute.get(name)) for name in ("self-select", "majority")),
         )
+    return table
+
+
+def _tokens(cost: dict | None) -> str:
+    return "-" if not cost else f"{cost['tokens_per_question']:.0f}"
+
+
+def pool_table(rows: list[dict]) -> Table | None:
+    """What each iteration's sample pool held (fits 80 columns); None before any pool."""
+    pools = [(row["iteration"], row.get("pool")) for row in rows if row.get("pool")]
+    if not pools:
+        return None
+    table = Table(title="R3V iterations: sample pools", box=box.SIMPLE_HEAD, pad_edge=False,
+                  caption="questions whose pool is all right / mixed / all wrong; neg: mean share of wrong "
+                          "samples per question; steps ok: positives whose every step checks out")
+    for name in ("iter", "all right", "mixed", "all wrong", "neg %", "steps ok %"):
+        table.add_column(name, justify="right")
+    for k, pool in pools:
+        table.add_row(str(k), str(pool["all_right"]), str(pool["mixed"]), str(pool["all_wrong"]),
+                      _percent(pool["negative_share_per_question"]), _percent(pool["positives_steps_ok"]))
     return table
 
 

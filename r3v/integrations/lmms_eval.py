@@ -15,7 +15,7 @@ Two ways in (install with ``pip install r3v[lmms]``, see docs/gpu.md for a lean 
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 try:
     from lmms_eval.api.model import lmms
@@ -25,7 +25,11 @@ except ImportError as exc:  # keep the hint: lmms-eval is an optional extra
     ) from exc
 
 from r3v.records import Completion, Example, Request, Sample, Sampling, load_image
+from r3v.reference import REFERENCE_A
 from r3v.seeds import stride_seed
+
+if TYPE_CHECKING:  # a type only: the task toolkit loads with the tasks
+    from r3v.tasks.base import Task
 
 #: Doc fields (lmms-eval datasets and r3v exports) that hold the bare question and the gold answer.
 _QUESTION_FIELDS = ("question", "query", "problem")
@@ -41,6 +45,11 @@ class RawTextTask:
     """
 
     name = "raw-text"
+    # what the self-select prompt reads from a task (r3v.prompts): r3v's wording, the bare question
+    prompt_style = "r3v"
+    reference = REFERENCE_A
+    body = None
+    qa_target = None
 
     def cot_prompt(self, example: Example) -> str:
         return example.question
@@ -105,7 +114,7 @@ class R3VLmms(lmms):
         backend: Any = "hf",
         selector: Any = "self-select",
         n: int = 3,
-        task: Any = None,
+        task: Task | None = None,
         prompt: str = "lmms",
         output: str = "answer",
         temperature: float = 0.9,
@@ -123,7 +132,8 @@ class R3VLmms(lmms):
         **extra: Any,
     ) -> None:
         super().__init__()
-        from r3v.registry import backends, selectors, tasks
+        from r3v.registry import backends, selectors
+        from r3v.tasks.base import build_task
 
         if prompt not in ("lmms", "cot", "qa"):
             raise ValueError(f"prompt must be lmms, cot or qa, not {prompt!r}")
@@ -147,7 +157,7 @@ class R3VLmms(lmms):
         if task is None:
             self.task = RawTextTask()
         else:
-            self.task = tasks.get(task)() if isinstance(task, str) else task
+            self.task = build_task(task) if isinstance(task, str) else task
         if prompt != "lmms" and isinstance(self.task, RawTextTask):
             raise ValueError(f"prompt={prompt} needs an r3v task (task=...) to build the prompt")
 

@@ -7,7 +7,8 @@ The folder holds, per exported task ``r3v_<task>``:
   and one metric, ``accuracy`` (mean);
 - ``r3v_<task>_utils.py``: the ``doc_to_visual`` / ``doc_to_text`` / ``doc_to_target`` /
   ``process_results`` hooks. They call back into r3v, so scoring is the task's own
-  (``extract`` then ``is_correct``), the same as ``r3v bench`` uses;
+  (``extract`` then ``is_correct``, with the options it was exported with), the same as
+  ``r3v bench`` uses;
 - ``r3v_<task>.jsonl``: one document per example; the full r3v Example rides along as JSON in
   ``r3v_example`` (one string column, so Arrow never has to unify per-task metadata types);
 - ``r3v_<task>_images/``: PNG files for examples whose images are in memory (clevr-synth).
@@ -17,12 +18,14 @@ The folder holds, per exported task ``r3v_<task>``:
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from r3v.errors import DataError
 from r3v.io import atomic_write_text
 from r3v.records import Example, load_image
+from r3v.tasks.base import Task, build_task
 
 PROMPTS = ("cot", "qa")
 
@@ -36,6 +39,8 @@ from pathlib import Path
 from r3v.integrations import lmms_tasks
 
 TASK = {task!r}
+#: The task's options (--task-arg) at export, so prompts and scoring match r3v's.
+TASK_ARGS = {task_args!r}
 HERE = Path(__file__).resolve().parent
 
 
@@ -44,7 +49,7 @@ def doc_to_visual(doc):
 
 
 def doc_to_text(doc, lmms_eval_specific_kwargs=None):
-    return lmms_tasks.doc_to_text(TASK, doc, lmms_eval_specific_kwargs)
+    return lmms_tasks.doc_to_text(TASK, doc, lmms_eval_specific_kwargs, TASK_ARGS)
 
 
 def doc_to_target(doc):
@@ -52,7 +57,7 @@ def doc_to_target(doc):
 
 
 def process_results(doc, results):
-    return lmms_tasks.process_results(TASK, doc, results)
+    return lmms_tasks.process_results(TASK, doc, results, TASK_ARGS)
 '''
 
 
@@ -69,13 +74,18 @@ def export_lmms_task(
     data_dir: str | Path | None = None,
     prompt: str = "cot",
     max_new_tokens: int = 384,
+    task_args: Mapping[str, Any] | None = None,
+    built: Task | None = None,
 ) -> Path:
-    """Write the lmms-eval task folder for one r3v task split into ``out_dir``; return the yaml path."""
-    from r3v.registry import tasks
+    """Write the lmms-eval task folder for one r3v task split into ``out_dir``; return the yaml path.
 
+    ``task_args`` are the task's options (``--task-arg``); the hooks build the task with them.
+    ``built``, when given, is that task already built (with its data flags) and loads the split.
+    """
     if prompt not in PROMPTS:
         raise ValueError(f"prompt must be one of {PROMPTS}, not {prompt!r}")
-    task_obj = tasks.get(task)()
+    task_args = dict(task_args or {})
+    task_obj = built if built is not None else build_task(task, task_args)
     examples = task_obj.load(split, data_dir=data_dir, limit=limit)
     if not examples:
         raise DataError(f"task {task!r} split {split!r} has no examples to export")
@@ -89,7 +99,7 @@ def export_lmms_task(
         doc = _document(example, out, image_dir)
         lines.append(json.dumps(doc, ensure_ascii=False))
     atomic_write_text(out / f"{name}.jsonl", "".join(line + "\n" for line in lines))
-    atomic_write_text(out / f"{name}_utils.py", _UTILS_TEMPLATE.format(task=task))
+    atomic_write_text(out / f"{name}_utils.py", _UTILS_TEMPLATE.format(task=task, task_args=task_args))
     yaml_path = out / f"{name}.yaml"
     atomic_write_text(yaml_path, _yaml(name, split, prompt, max_new_tokens))
     return yaml_path
@@ -160,15 +170,15 @@ def _yaml(name: str, split: str, prompt: str, max_new_tokens: int) -> str:
 
 # Hooks called by the generated utils module ---------------------------------------------------
 
-_TASKS: dict[str, Any] = {}
+_TASKS: dict[tuple[str, str], Task] = {}
 
 
-def _task(name: str):
-    if name not in _TASKS:
-        from r3v.registry import tasks
-
-        _TASKS[name] = tasks.get(name)()
-    return _TASKS[name]
+def _task(name: str, task_args: Mapping[str, Any] | None = None) -> Task:
+    """The task, built once per name and options for all the documents lmms-eval passes."""
+    key = (name, json.dumps(dict(task_args or {}), sort_keys=True, default=str))
+    if key not in _TASKS:
+        _TASKS[key] = build_task(name, task_args)
+    return _TASKS[key]
 
 
 def example_from_doc(doc: dict[str, Any], root: str | Path | None = None) -> Example:
@@ -186,15 +196,22 @@ def doc_to_visual(doc: dict[str, Any], root: str | Path) -> list:
     return example_from_doc(doc, root).load_images()
 
 
-def doc_to_text(task: str, doc: dict[str, Any], lmms_eval_specific_kwargs: dict | None = None) -> str:
+def doc_to_text(
+    task: str, doc: dict[str, Any], lmms_eval_specific_kwargs: dict | None = None,
+    task_args: Mapping[str, Any] | None = None,
+) -> str:
     prompt = (lmms_eval_specific_kwargs or {}).get("prompt", "cot")
     example = example_from_doc(doc)
-    return _task(task).qa_prompt(example) if prompt == "qa" else _task(task).cot_prompt(example)
+    built = _task(task, task_args)
+    return built.qa_prompt(example) if prompt == "qa" else built.cot_prompt(example)
 
 
-def process_results(task: str, doc: dict[str, Any], results: list[str]) -> dict[str, float]:
+def process_results(
+    task: str, doc: dict[str, Any], results: list[str], task_args: Mapping[str, Any] | None = None
+) -> dict[str, float]:
     """The task's own scoring: extract the answer from the output, then judge it."""
     example = example_from_doc(doc)
     output = results[0] if results else ""
-    answer = _task(task).extract(output or "", example)
-    return {"accuracy": float(bool(_task(task).is_correct(answer, example)))}
+    built = _task(task, task_args)
+    answer = built.extract(output or "", example)
+    return {"accuracy": float(bool(built.is_correct(answer, example)))}

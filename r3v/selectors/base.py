@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from r3v.records import Choice, Example, Sample
+
+if TYPE_CHECKING:  # a type only: the task toolkit loads with the tasks
+    from r3v.tasks.base import Task
 
 #: The built-in selectors' names (their modules: first.py, majority.py, self_select.py, oracle.py).
 FIRST, MAJORITY, SELF_SELECT, ORACLE = "first", "majority", "self-select", "oracle"
@@ -21,4 +24,4 @@ METRIC_PREFIX = {FIRST: "first", MAJORITY: "maj", SELF_SELECT: "sel", ORACLE: "o
 class Selector(Protocol):
     name: str
 
-    def select(self, task: Any, example: Example, candidates: list[Sample], backend: Any | None = None) -> Choice: ...
+    def select(self, task: Task, example: Example, candidates: list[Sample], backend: Any | None = None) -> Choice: ...

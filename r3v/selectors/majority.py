@@ -8,14 +8,17 @@ candidate list: deterministic, and it favours the first sample as Test@1 does.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from r3v.records import Choice, Example, Sample
 from r3v.registry import selectors
 from r3v.selectors.base import MAJORITY
 
+if TYPE_CHECKING:  # a type only: the task toolkit loads with the tasks
+    from r3v.tasks.base import Task
 
-def majority_vote(task: Any, example: Example, candidates: list[Sample]) -> Sample | None:
+
+def majority_vote(task: Task, example: Example, candidates: list[Sample]) -> Sample | None:
     """The first candidate of the winning answer, or None when no candidate has an answer."""
     votes: dict[str, int] = {}
     first_of: dict[str, Sample] = {}
@@ -38,7 +41,7 @@ class MajoritySelector:
 
     name = MAJORITY
 
-    def select(self, task: Any, example: Example, candidates: list[Sample], backend: Any | None = None) -> Choice:
+    def select(self, task: Task, example: Example, candidates: list[Sample], backend: Any | None = None) -> Choice:
         winner = majority_vote(task, example, candidates)
         if winner is None:
             return Choice(answer=None, correct=False)

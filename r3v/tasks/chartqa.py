@@ -19,11 +19,13 @@ ignoring case but not surrounding spaces. Where the gold is a list (HuggingFaceM
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from r3v.errors import DataError
 from r3v.records import Example
+from r3v.reference import REFERENCE_A_VALUE_TARGET
 from r3v.registry import tasks
 from r3v.tasks import base
 
@@ -81,7 +83,7 @@ def _canonical_number(value: float) -> str:
     return repr(value)
 
 
-def _labels(record: dict, keys: tuple[str, ...], where: dict) -> list[str]:
+def _labels(record: dict, keys: tuple[str, ...], where: base.Where) -> list[str]:
     """A gold label: a string (official files, lmms-lab) or a non-empty list of strings (HuggingFaceM4)."""
     key = base.present_key(record, keys, where)
     value = record[key]
@@ -92,8 +94,18 @@ def _labels(record: dict, keys: tuple[str, ...], where: dict) -> list[str]:
     raise DataError(f"field {key!r} should be a string or a non-empty list of strings, got {value!r}", **where)
 
 
+@dataclass(frozen=True)
+class ChartQAOptions(base.HubOptions):
+    #: Hub id or local parquet/json file, used when no data dir is given ("" for none).
+    hf_dataset: str | None = DEFAULT_HUB
+    #: Which questions: the human-written ones (R3V's test set), the augmented ones, or both.
+    subset: Literal["human", "augmented", "both"] = "human"
+    #: pix2struct's relaxed accuracy instead of R3V's rule.
+    relaxed: bool = False
+
+
 @tasks.register("chartqa")
-class ChartQA:
+class ChartQA(base.InstructionPrompts, base.TaskBase):
     """ChartQA from the official folder or a hub copy, scored by R3V's rule or relaxed accuracy."""
 
     name = "chartqa"
@@ -103,46 +115,20 @@ class ChartQA:
         f"hub: {DEFAULT_HUB} (default), lmms-lab/ChartQA"
     )
     breakdown_keys = ("source",)
-
-    def __init__(
-        self,
-        subset: str = "human",
-        relaxed: bool = False,
-        hf_dataset: str | None = DEFAULT_HUB,
-        cache_dir: str | None = None,
-        skip_bad: bool = False,
-        check_images: bool = True,
-        allow_outside_paths: bool = False,
-    ) -> None:
-        """``subset``: human | augmented | both. ``relaxed``: pix2struct relaxed accuracy instead of R3V's rule.
-        ``hf_dataset``: hub id or local parquet/json file, used when no data dir is given ("" for none);
-        ``cache_dir``: the ``datasets`` cache for it.
-        ``skip_bad``: skip malformed records (listed in ``bad_records``) instead of raising.
-        ``check_images``: a record whose chart file is missing counts as malformed.
-        Flags also accept "true"/"false", as ``r3v score --task-arg`` passes them.
-        """
-        if subset not in (*SUBSETS, "both"):
-            raise ValueError(f"chartqa subset must be human, augmented or both, not {subset!r}")
-        self.subset = subset
-        self.relaxed = base.flag("relaxed", relaxed)
-        self.hf_dataset = hf_dataset or None
-        self.cache_dir = cache_dir
-        self.skip_bad = base.flag("skip_bad", skip_bad)
-        self.check_images = base.flag("check_images", check_images)
-        self.allow_outside_paths = base.flag("allow_outside_paths", allow_outside_paths)
-        self.bad_records: list[str] = []
+    metadata_keys = ("source", "labels", "imgname")
+    Options = ChartQAOptions
+    #: Reference A trained self-select on the bare value here (not ``Answer: X``).
+    reference = REFERENCE_A_VALUE_TARGET
+    cot_instruction, qa_instruction, select_text = COT, QA, SELECT
 
     @property
     def _wanted(self) -> tuple[str, ...]:
-        return SUBSETS if self.subset == "both" else (self.subset,)
+        return SUBSETS if self.options.subset == "both" else (self.options.subset,)
 
     # ---------------------------------------------------------------- loading
     def load(self, split: str, data_dir: str | Path | None = None, limit: int | None = None) -> list[Example]:
-        base.check_split(self.name, self.splits, split)
-        self.bad_records = []
+        self.start_load(split)
         if data_dir is None:
-            if self.hf_dataset is None:
-                raise DataError("chartqa needs --data-dir (the 'ChartQA Dataset' folder) or a hub dataset id")
             return self._load_hub(split, limit)
         examples: list[Example] = []
         for source in self._wanted:
@@ -150,17 +136,12 @@ class ChartQA:
             records = base.read_json(path)
             if not isinstance(records, list):
                 raise DataError(f"expected a JSON list of records, got {type(records).__name__}", path=path)
-            for index, record in enumerate(records):
-                if limit is not None and len(examples) >= limit:
-                    return examples
-                try:
-                    examples.append(self._build(record, index, source, Path(data_dir), split, path))
-                except DataError as exc:
-                    self._bad(exc)
-        return examples
 
-    def _bad(self, error: DataError) -> None:
-        base.raise_or_record(error, self.skip_bad, self.bad_records)
+            def build(index: int, record: Any, source: str = source, path: Path = path) -> Example:
+                return self._build(record, index, source, Path(data_dir), split, path)
+
+            examples += self.collect(records, build, None if limit is None else limit - len(examples))
+        return examples
 
     def example_from_record(
         self, record: dict, index: int, data_dir: str | Path | None = None, split: str = "test"
@@ -170,8 +151,7 @@ class ChartQA:
         human when neither is given, as R3V scores test_human.
         """
         where = {"path": None, "record": f"index {index}"}
-        if not isinstance(record, dict):
-            raise DataError(f"expected a JSON object, got {type(record).__name__}", **where)
+        record = base.object_record(record, where)
         raw = record.get("source", record.get("type", "human"))
         source = _lmms_source(raw)
         if source is None:
@@ -182,17 +162,14 @@ class ChartQA:
         self, record: Any, index: int, source: str, root: Path | None, split: str, path: Path | None
     ) -> Example:
         where = {"path": path, "record": f"index {index}"}
-        if not isinstance(record, dict):
-            raise DataError(f"expected a JSON object, got {type(record).__name__}", **where)
+        record = base.object_record(record, where)
         question = base.text_field(record, ("query", "question"), where)
         labels = _labels(record, ("label", "answer"), where)
         # scoring needs no chart, so a record without a data dir may leave the image name out
-        imgname = base.text_field(record, ("imgname",), where) if root is not None or "imgname" in record else ""
+        imgname = base.text_field(record, "imgname", where) if root is not None or "imgname" in record else ""
         images = []
         if root is not None:
-            relative = f"{split}/png/{imgname}"
-            image = base.local_image(root, relative, self.allow_outside_paths, self.check_images, where["record"])
-            images.append(str(image))
+            images.append(str(self.local_image(root, f"{split}/png/{imgname}", where)))
         return self._example(f"{source}-{index}", question, labels, images, source, imgname)
 
     def _example(self, id_: str, query: str, labels: list[str], images: list, source: str, imgname: str) -> Example:
@@ -206,8 +183,8 @@ class ChartQA:
         )
 
     def _load_hub(self, split: str, limit: int | None) -> list[Example]:
-        name = self.hf_dataset
-        data = base.load_hub_undecoded(name, split, cache_dir=self.cache_dir)
+        data = self.hub_rows(split, "the 'ChartQA Dataset' folder")
+        name = self.options.hf_dataset
         columns = set(data.column_names)
         if {"query", "label", "human_or_machine", "image"} <= columns:
             question_key, label_key, source_of = "query", "label", _m4_source
@@ -221,39 +198,25 @@ class ChartQA:
                 "(image, query, label, human_or_machine) or lmms-lab/ChartQA (image, question, answer, type)",
                 path=name,
             )
-        examples: list[Example] = []
         seen = dict.fromkeys(SUBSETS, 0)
-        for row_index, raw_source in enumerate(source_values):
-            if limit is not None and len(examples) >= limit:
-                break
+
+        def build(row_index: int, raw_source: Any) -> Example | None:
             where = {"path": name, "record": f"row {row_index}"}
             source = source_of(raw_source)
             if source is None:
-                self._bad(DataError(f"unknown question source {raw_source!r}", **where))
-                continue
+                raise DataError(f"unknown question source {raw_source!r}", **where)
             # numbered per source as the official files are; ids match them where the hub copy keeps their order
             number = seen[source]
             seen[source] += 1
             if source not in self._wanted:
-                continue
-            try:
-                row = data[row_index]
-                labels = _labels(row, (label_key,), where)
-                question = base.text_field(row, (question_key,), where)
-                image = base.hub_image(row["image"], where)
-            except DataError as exc:
-                self._bad(exc)
-                continue
-            examples.append(
-                self._example(f"{source}-{number}", question, labels, [image], source, _image_name(row["image"]))
-            )
-        return examples
+                return None
+            row = data[row_index]
+            labels = _labels(row, (label_key,), where)
+            question = base.text_field(row, question_key, where)
+            image = base.hub_image(row["image"], where)
+            return self._example(f"{source}-{number}", question, labels, [image], source, _image_name(row["image"]))
 
-    # ---------------------------------------------------------------- prompts
-    # bound methods of a frozen instance: class attributes that the instance calls without ``self``
-    _prompts = base.InstructionPrompts(cot=COT, qa=QA, select=SELECT)
-    cot_prompt, qa_prompt = _prompts.cot_prompt, _prompts.qa_prompt
-    answer_line, select_instruction = _prompts.answer_line, _prompts.select_instruction
+        return self.collect(source_values, build, limit)
 
     # ---------------------------------------------------------------- scoring
     def extract(self, text: str, example: Example) -> str | None:
@@ -262,14 +225,14 @@ class ChartQA:
     def normalize(self, answer: str, example: Example) -> str:
         """Numbers in one canonical form (a trailing % read as a percentage under ``relaxed``), text lowercased."""
         text = answer.strip()
-        value = _relaxed_float(text) if self.relaxed else _plain_float(text)
+        value = _relaxed_float(text) if self.options.relaxed else _plain_float(text)
         return _canonical_number(value) if value is not None else text.lower()
 
     def is_correct(self, answer: str | None, example: Example) -> bool:
         if answer is None:
             return False
         labels = example.metadata.get("labels") or [str(example.answer)]
-        judge = relaxed_correct if self.relaxed else r3v_correct
+        judge = relaxed_correct if self.options.relaxed else r3v_correct
         return any(judge(answer, label) for label in labels)
 
 

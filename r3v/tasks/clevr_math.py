@@ -20,11 +20,13 @@ nothing. Correct when it equals the gold integer written in decimal, character f
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from r3v.errors import DataError
 from r3v.records import Example
+from r3v.reference import REFERENCE_A_VALUE_TARGET
 from r3v.registry import tasks
 from r3v.tasks import base
 
@@ -48,7 +50,7 @@ def extract_number(text: str) -> str | None:
     return match.group(1) if match else None
 
 
-def _gold(record: dict, keys: tuple[str, ...], where: dict) -> str:
+def _gold(record: dict, keys: tuple[str, ...], where: base.Where) -> str:
     """The gold count as the decimal string R3V compares against: an int, or a string of digits."""
     key = base.present_key(record, keys, where)
     value = record[key]
@@ -59,8 +61,16 @@ def _gold(record: dict, keys: tuple[str, ...], where: dict) -> str:
     raise DataError(f"field {key!r} should be an integer, got {value!r}", **where)
 
 
+@dataclass(frozen=True)
+class ClevrMathOptions(base.HubOptions):
+    #: Hub id or local parquet/json file, used when no data dir is given ("" for none).
+    hf_dataset: str | None = DEFAULT_HUB
+    #: The hub dataset's configuration (ignored for a local file).
+    hf_config: str | None = "general"
+
+
 @tasks.register("clevr-math")
-class ClevrMath:
+class ClevrMath(base.InstructionPrompts, base.TaskBase):
     """CLEVR-Math counting questions from R3V's or CLEVR-Math's files or the hub mirror; exact match."""
 
     name = "clevr-math"
@@ -70,41 +80,17 @@ class ClevrMath:
         f"CLEVR_v1.0/images/<split>/); hub: {DEFAULT_HUB} (test only; configs general, multihop)"
     )
     breakdown_keys = ("template",)
-
-    def __init__(
-        self,
-        hf_dataset: str | None = DEFAULT_HUB,
-        hf_config: str | None = "general",
-        cache_dir: str | None = None,
-        skip_bad: bool = False,
-        check_images: bool = True,
-        allow_outside_paths: bool = False,
-    ) -> None:
-        """``hf_dataset``: hub id or local parquet/json file, used when no data dir is given ("" for none);
-        ``hf_config``: its configuration (ignored for a local file); ``cache_dir``: the ``datasets`` cache.
-        ``skip_bad``: skip malformed records (listed in ``bad_records``) instead of raising.
-        ``check_images``: a record whose image file is missing counts as malformed.
-        Flags also accept "true"/"false".
-        """
-        self.hf_dataset = hf_dataset or None
-        self.hf_config = hf_config or None
-        self.cache_dir = cache_dir
-        self.skip_bad = base.flag("skip_bad", skip_bad)
-        self.check_images = base.flag("check_images", check_images)
-        self.allow_outside_paths = base.flag("allow_outside_paths", allow_outside_paths)
-        self.bad_records: list[str] = []
-
-    def _bad(self, error: DataError) -> None:
-        base.raise_or_record(error, self.skip_bad, self.bad_records)
+    metadata_keys = ("template",)
+    Options = ClevrMathOptions
+    #: Reference A trained self-select on the bare value here (not ``Answer: X``).
+    reference = REFERENCE_A_VALUE_TARGET
+    cot_instruction, qa_instruction, select_text = COT, QA, SELECT
 
     # ---------------------------------------------------------------- loading
     def load(self, split: str, data_dir: str | Path | None = None, limit: int | None = None) -> list[Example]:
         split = "val" if split == "validation" else split
-        base.check_split(self.name, self.splits, split)
-        self.bad_records = []
+        self.start_load(split)
         if data_dir is None:
-            if self.hf_dataset is None:
-                raise DataError("clevr-math needs --data-dir (R3V or CLEVR-Math layout) or a hub dataset id")
             return self._load_hub(split, limit)
         root = Path(data_dir)
         r3v_file, official_file = root / f"clevr_{split}.json", root / f"clevr-math-{split}.json"
@@ -122,15 +108,8 @@ class ClevrMath:
             records = data
         else:
             raise DataError('expected a JSON list of records or an object with a "questions" list', path=path)
-        examples: list[Example] = []
-        for index, record in enumerate(records):
-            if limit is not None and len(examples) >= limit:
-                break
-            try:
-                examples.append(self._build(record, index, root, split, image_dir, path))
-            except DataError as exc:
-                self._bad(exc)
-        return examples
+        return self.collect(records, lambda index, record: self._build(record, index, root, split, image_dir, path),
+                            limit)
 
     def example_from_record(self, record: dict, index: int, data_dir: str | Path | None = None) -> Example:
         """One record with ``question`` and ``answer`` (or the hub's ``label``); its image field is used
@@ -142,9 +121,8 @@ class ClevrMath:
         self, record: Any, index: int, root: Path | None, split: str, image_dir: str | None, path: Path | None
     ) -> Example:
         where = {"path": path, "record": f"index {index}"}
-        if not isinstance(record, dict):
-            raise DataError(f"expected a JSON object, got {type(record).__name__}", **where)
-        question = base.text_field(record, ("question",), where)
+        record = base.object_record(record, where)
+        question = base.text_field(record, "question", where)
         answer = _gold(record, ("answer", "label"), where)
         template = record.get("template_filename", record.get("template"))
         images = []
@@ -155,53 +133,35 @@ class ClevrMath:
                 relative = f"CLEVR_v1.0/images/{image_split}/{filename}"
             else:
                 relative = f"{image_dir}/{filename}"
-            image = base.local_image(root, relative, self.allow_outside_paths, self.check_images, where["record"])
-            images.append(str(image))
-        return Example(
-            id=str(index),
-            task=self.name,
-            question=question,
-            answer=answer,
-            images=images,
-            metadata={"template": _template_name(template)},
-        )
+            images.append(str(self.local_image(root, relative, where)))
+        return self._example(index, question, answer, images, template)
+
+    def _example(self, index: int, question: str, answer: str, images: list, template: Any) -> Example:
+        return Example(id=str(index), task=self.name, question=question, answer=answer, images=images,
+                       metadata={"template": _template_name(template)})
 
     def _load_hub(self, split: str, limit: int | None) -> list[Example]:
-        name = self.hf_dataset
+        name = self.options.hf_dataset
         if name == DEFAULT_HUB and split != "test":
             raise DataError(f"{DEFAULT_HUB} has only a test split; use --data-dir for {split!r}")
-        kwargs: dict[str, Any] = {"cache_dir": self.cache_dir}
-        if self.hf_config and not Path(name).exists():
-            kwargs["name"] = self.hf_config
-        data = base.load_hub_undecoded(name, split, **kwargs)
+        kwargs: dict[str, Any] = {}
+        if self.options.hf_config and name and not Path(name).exists():
+            kwargs["name"] = self.options.hf_config
+        data = self.hub_rows(split, "R3V or CLEVR-Math layout", **kwargs)
         missing = {"question", "label", "image"} - set(data.column_names)
         if missing:
             raise DataError(f"missing column(s) {sorted(missing)}; expected template, id, question, image, label",
                             path=name)
-        examples: list[Example] = []
-        for index in range(len(data) if limit is None else min(limit, len(data))):
-            where = {"path": name, "record": f"row {index}"}
-            row = data[index]
-            try:
-                example = Example(
-                    id=str(index),
-                    task=self.name,
-                    question=base.text_field(row, ("question",), where),
-                    answer=_gold(row, ("label",), where),
-                    images=[base.hub_image(row["image"], where)],
-                    metadata={"template": _template_name(row.get("template"))},
-                )
-            except DataError as exc:
-                self._bad(exc)
-                continue
-            examples.append(example)
-        return examples
 
-    # ---------------------------------------------------------------- prompts
-    # bound methods of a frozen instance: class attributes that the instance calls without ``self``
-    _prompts = base.InstructionPrompts(cot=COT, qa=QA, select=SELECT)
-    cot_prompt, qa_prompt = _prompts.cot_prompt, _prompts.qa_prompt
-    answer_line, select_instruction = _prompts.answer_line, _prompts.select_instruction
+        def build(index: int, row: dict[str, Any]) -> Example:
+            where = {"path": name, "record": f"row {index}"}
+            question = base.text_field(row, "question", where)
+            answer = _gold(row, ("label",), where)
+            return self._example(index, question, answer, [base.hub_image(row["image"], where)], row.get("template"))
+
+        # the limit counts rows read, bad ones included
+        rows = (data[index] for index in range(len(data) if limit is None else min(limit, len(data))))
+        return self.collect(rows, build, None)
 
     # ---------------------------------------------------------------- scoring
     def extract(self, text: str, example: Example) -> str | None:

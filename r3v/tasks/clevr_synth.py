@@ -4,6 +4,10 @@ Each image is a 4x4 grid of 28 px cells (112 px, i.e. one Qwen2-VL image token p
 coloured squares and circles. Questions add or remove objects and ask for a count, as CLEVR-Math's
 addition and subtraction templates do. Everything derives from (split, index, seed), so the data
 is identical on every machine. Answers are integers; extraction and scoring follow CLEVR-Math.
+
+A question's wording names everything it asks (``Query``), so its answer can be worked out for
+any scene: the shortcut probes (``r3v.probe``) use that to ask it about another question's scene
+(``gold_for_image``) and about its own scene with one object added or removed (``counterfactual``).
 """
 
 from __future__ import annotations
@@ -18,18 +22,24 @@ from PIL import Image, ImageDraw
 
 from r3v.records import Example
 from r3v.registry import tasks
-from r3v.seeds import stride_seed
+from r3v.seeds import seeded_rng, stride_seed
+from r3v.tasks.base import InstructionPrompts, TaskBase, TaskOptions
 
 COLORS = {"red": (220, 40, 40), "blue": (40, 80, 220), "green": (40, 170, 60), "yellow": (230, 200, 30)}
 SHAPES = ("square", "circle")
 GRID = 4
 CELL = 28
+#: Objects per scene: ``make_scene`` draws between these, and a counterfactual edit stays between them.
+MIN_OBJECTS, MAX_OBJECTS = 2, 8
 #: ``pretrain`` is what the built-in base model learned from; the R3V loop uses train and test.
 SPLIT_SIZES = {"train": 1500, "test": 200, "pretrain": 4000}
 SPLIT_OFFSET = {"train": 0, "test": 1_000_003, "pretrain": 2_000_003}
 
 _BARE_INT = re.compile(r"-?\d+")
 _ANSWER_INT = re.compile(r"Answer:\s*(-?\d+)")
+#: "There are 5 objects", "There are 2 red objects", "There are 3 squares" (the teacher's steps).
+_COUNT_CLAIM = re.compile(r"There are (\d+) (?:(red|blue|green|yellow) )?(objects|squares|circles)\b")
+_EQUATION = re.compile(r"(-?\d+) ([+-]) (-?\d+) = (-?\d+)")
 
 
 @dataclass(frozen=True)
@@ -43,7 +53,7 @@ class Scene:
 
 
 def make_scene(rng: random.Random) -> Scene:
-    n = rng.randint(2, 8)
+    n = rng.randint(MIN_OBJECTS, MAX_OBJECTS)
     cells = rng.sample(range(GRID * GRID), n)
     return Scene(tuple((cell, rng.choice(list(COLORS)), rng.choice(SHAPES)) for cell in sorted(cells)))
 
@@ -61,56 +71,124 @@ def render(scene: Scene) -> Image.Image:
     return image
 
 
+_COLOR_WORDS = "|".join(COLORS)
+_SHAPE_WORDS = "|".join(SHAPES)
+_SUBTRACT_COLOR = re.compile(rf"Subtract all ({_COLOR_WORDS}) objects\. How many objects are left\?")
+_SUBTRACT_SHAPE = re.compile(rf"Subtract all ({_SHAPE_WORDS})s\. How many objects are left\?")
+_ADD = re.compile(rf"Add (\d+) ({_COLOR_WORDS}) ({_SHAPE_WORDS})s\. How many \3s are there\?")
+
+
+@dataclass(frozen=True)
+class Query:
+    """What a question asks: its template and the colour, shape and number it names. The answer
+    and the teacher's steps follow from it for any scene (``solve``)."""
+
+    #: 0: remove the objects of a colour; 1: remove the objects of a shape; 2: add objects of a shape.
+    template: int
+    color: str | None = None
+    shape: str | None = None
+    added: int = 0
+
+    def question(self) -> str:
+        if self.template == 0:
+            return f"Subtract all {self.color} objects. How many objects are left?"
+        if self.template == 1:
+            return f"Subtract all {self.shape}s. How many objects are left?"
+        return f"Add {self.added} {self.color} {self.shape}s. How many {self.shape}s are there?"
+
+    def solve(self, scene: Scene) -> tuple[int, str]:
+        """The answer about ``scene``, and the teacher's rationale (without the answer line)."""
+        total = len(scene.objects)
+        if self.template in (0, 1):
+            removed = scene.count(color=self.color, shape=self.shape)
+            what = f"{self.color} objects" if self.template == 0 else f"{self.shape}s"
+            answer = total - removed
+            return answer, f"There are {total} objects. There are {removed} {what}. {total} - {removed} = {answer}."
+        have = scene.count(shape=self.shape)
+        answer = have + self.added
+        return answer, f"There are {have} {self.shape}s. {have} + {self.added} = {answer}."
+
+    @classmethod
+    def parse(cls, question: str) -> Query | None:
+        """The query a question's wording states; None for wording no template writes."""
+        if match := _SUBTRACT_COLOR.fullmatch(question):
+            return cls(0, color=match.group(1))
+        if match := _SUBTRACT_SHAPE.fullmatch(question):
+            return cls(1, shape=match.group(1))
+        if match := _ADD.fullmatch(question):
+            return cls(2, color=match.group(2), shape=match.group(3), added=int(match.group(1)))
+        return None
+
+
 def make_question(scene: Scene, rng: random.Random) -> tuple[str, int, str]:
     """A question, its answer, and the teacher's rationale (without the answer line)."""
-    total = len(scene.objects)
     template = rng.randrange(3)
     if template == 0:
-        color = rng.choice([c for _, c, _ in scene.objects])
-        removed = scene.count(color=color)
-        answer = total - removed
-        question = f"Subtract all {color} objects. How many objects are left?"
-        steps = f"There are {total} objects. There are {removed} {color} objects. {total} - {removed} = {answer}."
+        query = Query(0, color=rng.choice([c for _, c, _ in scene.objects]))
     elif template == 1:
-        shape = rng.choice(SHAPES)
-        removed = scene.count(shape=shape)
-        answer = total - removed
-        question = f"Subtract all {shape}s. How many objects are left?"
-        steps = f"There are {total} objects. There are {removed} {shape}s. {total} - {removed} = {answer}."
+        query = Query(1, shape=rng.choice(SHAPES))
     else:
+        # the draws keep their order (shape, colour, number): every seed's dataset stays the same
         shape = rng.choice(SHAPES)
         color = rng.choice(list(COLORS))
-        added = rng.randint(1, 3)
-        have = scene.count(shape=shape)
-        answer = have + added
-        question = f"Add {added} {color} {shape}s. How many {shape}s are there?"
-        steps = f"There are {have} {shape}s. {have} + {added} = {answer}."
-    return question, answer, steps
+        query = Query(2, color=color, shape=shape, added=rng.randint(1, 3))
+    answer, steps = query.solve(scene)
+    return query.question(), answer, steps
+
+
+def single_edits(scene: Scene) -> tuple[list[Scene], list[Scene]]:
+    """Every scene one object away from ``scene``: (one object removed, one object added to an
+    empty cell, of any colour and shape)."""
+    removed = [Scene(scene.objects[:i] + scene.objects[i + 1 :]) for i in range(len(scene.objects))]
+    taken = {cell for cell, _, _ in scene.objects}
+    added = [
+        Scene(tuple(sorted((*scene.objects, (cell, color, shape)))))
+        for cell in range(GRID * GRID) if cell not in taken
+        for color in COLORS for shape in SHAPES
+    ]
+    return removed, added
+
+
+@dataclass(frozen=True)
+class ClevrSynthOptions(TaskOptions):
+    #: Seeds every scene and question: each seed is its own dataset.
+    seed: int = 0
+    #: Split sizes to override, e.g. {"pretrain": 100}.
+    sizes: dict[str, int] | None = None
+    #: The train split's size (e.g. test_size=1000 on a dev dataset for a smaller standard error).
+    train_size: int | None = None
+    #: The test split's size.
+    test_size: int | None = None
+
+    def __post_init__(self) -> None:
+        for split, size in (("train", self.train_size), ("test", self.test_size)):
+            if size is not None and size < 1:
+                raise ValueError(f"{split}_size must be >= 1, got {size}")
 
 
 @tasks.register("clevr-synth")
-class ClevrSynth:
+class ClevrSynth(InstructionPrompts, TaskBase):
     name = "clevr-synth"
     splits = ("train", "test", "pretrain")
     sources = "built in: rendered with pillow from a seed (no download)"
     breakdown_keys = ("template",)
+    metadata_keys = ("rationale", "template")
+    Options = ClevrSynthOptions
+    cot_instruction = "First generate a step-by-step solution, then answer the question using a single numerical value."
+    qa_instruction = "Answer the question using a single numerical value."
+    select_text = "Which prediction is correct? Give the final answer as a single numerical value."
 
-    def __init__(
-        self, seed: int = 0, sizes: dict[str, int] | None = None, train_size: int | None = None,
-        test_size: int | None = None,
-    ) -> None:
-        self.seed = seed
-        self.sizes = dict(SPLIT_SIZES, **(sizes or {}))
-        # e.g. --task-arg test_size=1000: on a dev dataset (seed=N), a smaller standard error
-        for split, size in (("train", train_size), ("test", test_size)):
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.seed: int = self.options.seed
+        #: Questions per split.
+        self.sizes = dict(SPLIT_SIZES, **(self.options.sizes or {}))
+        for split, size in (("train", self.options.train_size), ("test", self.options.test_size)):
             if size is not None:
-                if size < 1:
-                    raise ValueError(f"{split}_size must be >= 1, got {size}")
                 self.sizes[split] = size
 
     def load(self, split: str, data_dir: str | Path | None = None, limit: int | None = None) -> list[Example]:
-        if split not in self.splits:
-            raise ValueError(f"clevr-synth has splits {', '.join(self.splits)}, not {split!r}")
+        self.start_load(split)
         count = self.sizes[split] if limit is None else min(limit, self.sizes[split])
         return [self.example(split, i) for i in range(count)]
 
@@ -134,24 +212,82 @@ class ClevrSynth:
             metadata={"rationale": steps, "template": question.split()[0].lower()},
         )
 
-    def cot_prompt(self, example: Example) -> str:
-        return (
-            f"{example.question}\nFirst generate a step-by-step solution, "
-            "then answer the question using a single numerical value."
-        )
-
-    def qa_prompt(self, example: Example) -> str:
-        return f"{example.question}\nAnswer the question using a single numerical value."
-
-    def answer_line(self, answer: Any, example: Example) -> str:
-        return f"Answer: {answer}"
-
     def teacher_rationale(self, example: Example) -> str:
         """The programmatic teacher's chain of thought, ending in the answer line."""
         return f"{example.metadata['rationale']}\n{self.answer_line(example.answer, example)}"
 
-    def select_instruction(self, example: Example) -> str:
-        return "Which prediction is correct? Give the final answer as a single numerical value."
+    def scene_of(self, example: Example) -> tuple[Scene, Query] | None:
+        """The scene and query behind an example this task generated (its id names the split and
+        index; its question and answer must match, so a question of another seed is not taken for
+        one of this seed); None for any other example."""
+        split, _, index = example.id.rpartition("-")
+        if split not in SPLIT_OFFSET or not index.isdigit() or int(index) >= self.sizes[split]:
+            return None
+        rng = self._rng(split, int(index))
+        scene = make_scene(rng)
+        question, answer, _ = make_question(scene, rng)
+        if question != example.question or str(answer) != str(example.answer):
+            return None
+        return scene, Query.parse(question)
+
+    def gold_for_image(self, example: Example, other: Example) -> str | None:
+        """The answer to ``example``'s question about ``other``'s scene, worked out from that scene."""
+        query = Query.parse(example.question)
+        found = self.scene_of(other)
+        return None if query is None or found is None else str(query.solve(found[0])[0])
+
+    def counterfactual(self, example: Example) -> Example | None:
+        """The question about its scene with one object removed or added, so that its answer changes.
+
+        The edit is drawn with a seed from the task's seed and the question id: removal or addition
+        with equal chance (when both can change the answer), then one such edit. It keeps the scene
+        within ``MIN_OBJECTS``..``MAX_OBJECTS`` objects and, for a colour question, keeps an object
+        of the colour asked about, as every generated question has. The gold answer and the
+        teacher's steps are worked out from the edited scene. None when the example is not one of
+        this task's or no such edit changes the answer.
+        """
+        found = self.scene_of(example)
+        if found is None:
+            return None
+        scene, query = found
+        answer, _ = query.solve(scene)
+
+        def fits(edited: Scene) -> bool:
+            if not MIN_OBJECTS <= len(edited.objects) <= MAX_OBJECTS:
+                return False
+            if query.template == 0 and edited.count(color=query.color) == 0:
+                return False
+            return query.solve(edited)[0] != answer
+
+        kinds = [options for options in ([s for s in group if fits(s)] for group in single_edits(scene)) if options]
+        if not kinds:
+            return None
+        rng = seeded_rng(self.seed, "counterfactual", example.id)
+        edited = rng.choice(rng.choice(kinds))
+        new_answer, steps = query.solve(edited)
+        return Example(
+            id=f"{example.id}-counterfactual",
+            task=self.name,
+            question=example.question,
+            answer=str(new_answer),
+            images=[render(edited)],
+            metadata={"rationale": steps, "template": example.question.split()[0].lower()},
+        )
+
+    def check_steps(self, text: str, example: Example) -> bool:
+        """Whether every step of a rationale holds in the example's scene: each "There are N ..."
+        count is the scene's, and each "a + b = c" / "a - b = c" is right. A rationale with no
+        step to check is not accepted: a right answer alone proves nothing about the reasoning."""
+        split, index = example.id.rsplit("-", 1)
+        scene = self.scene(split, int(index))
+        claims = _COUNT_CLAIM.findall(text)
+        equations = _EQUATION.findall(text)
+        if not claims and not equations:
+            return False
+        for number, color, shape in claims:
+            if int(number) != scene.count(color=color or None, shape=shape.rstrip("s") if shape != "objects" else None):
+                return False
+        return all((int(a) + int(b) if op == "+" else int(a) - int(b)) == int(c) for a, op, b, c in equations)
 
     def extract(self, text: str, example: Example) -> str | None:
         stripped = text.strip()

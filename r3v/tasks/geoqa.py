@@ -11,19 +11,28 @@ filtered by ``original_split``; question text in ``subject``, gold index in ``la
 
 Judges (``judge=``):
 
-- ``"letter"`` (default, deterministic). The scope is the text after the last answer marker
-  ("answer", "answer is", "Answer:", "[Answer]"; case-insensitive), cut before any "[Rationale]" /
-  "[Context]"; with no marker (or nothing after it) the scope is the last non-empty line. In the
-  scope, candidates are: an upper-case letter opening it ("B", "(B)", "option B"), any "(X)", and
-  any option written out ("40.0", or a number equal to it such as "40"). After a marker the
-  earliest candidate wins, on a last line the latest. A letter outside the options, or no
-  candidate, is no answer. There is no random credit and no "last letter anywhere".
+- ``"letter"`` (default, deterministic). Full-width characters are read as their ASCII forms
+  ("答案：B", "（B）"). The scope is the text after the last answer marker ("answer", "answer is",
+  "Answer:", "[Answer]", "答案"; case-insensitive), cut before any "[Rationale]" / "[Context]"; with
+  no marker (or nothing after it) the scope is the last non-empty line. A scope that is one letter
+  alone, in either case and maybe in brackets ("d", "(b).", "B"), is that letter. Otherwise the
+  candidates are: an upper-case letter opening it ("B", "(B)", "option B"), any "(X)", and any
+  option written out ("40.0", or a number equal to it such as "40"). After a marker the earliest
+  candidate wins, on a last line the latest. A letter outside the options, or no candidate, is no
+  answer. A lower-case letter inside a sentence ("the answer is a right angle") is no answer: it
+  is a word. There is no random credit and no "last letter anywhere", the official judge's
+  accidents ("Answer: 40.0" read as the letter R).
 - ``"r3v"``: R3V's ``judge_answer`` (hhhwmws0117/MM-self-improve-qwen2vl
   ``data_process/geoqa/calculate.py``) step by step: keep the text after the last lower-case
   "answer"; the last "(X)", else the last ASCII letter anywhere (so "Answer: 40.0" reads "R"); only
   with no letter at all, the option-text and letter-token fallbacks of M3CoT's judge. Its last
   branch, which R3V scores as correct with probability 0.75 (unseeded), is scored as wrong here.
   Letters outside the options are reported as no answer (never correct in R3V either).
+
+``scoring=official`` (on with ``--reference``) scores with R3V's ``judge_answer`` whatever
+``judge`` says, its random branch included: an output that reaches it is read as the gold letter
+with probability 0.75, drawn from ``scoring_seed``, the question and the output (so a rescoring
+gives the same verdict).
 
 The official GeoQA metric executes a predicted program; it does not apply to free-form output.
 """
@@ -32,46 +41,47 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
-from typing import Any
+from typing import Any, Literal
 
 from r3v.errors import DataError
 from r3v.records import Example
+from r3v.reference import REFERENCE_B
 from r3v.registry import tasks
 from r3v.tasks.base import (
     OPTION_LETTERS,
-    check_split,
-    format_options,
-    local_image,
-    option_letter,
-    raise_or_record,
-)
-from r3v.tasks.m3cot import (
-    BadRecord,
+    ChoiceTask,
+    HubOptions,
+    InstructionPrompts,
+    Where,
     choice_fallbacks,
+    field,
     first_existing,
-    hub_rows,
+    format_options,
+    hub_image,
     letter_in_range,
-    open_hub_image,
-    optional_text,
-    parse_choices,
-    parse_gold_letter,
-    read_json_records,
-    require,
+    option_letter,
+    read_records,
+    record_label,
+    text_field,
 )
 
 HF_DATASET = "hz2475/geoQA"
 #: ``original_split`` values of the hub port that make up each split (its exact spelling is unknown).
 HUB_SPLIT_NAMES = {"train": {"train"}, "val": {"val", "dev", "validation"}, "test": {"test"}}
-JUDGES = ("letter", "r3v")
 
 COT_INSTRUCTION = (
     "Answer the question with Chain-of-Thought as short as possible without losing accuracy. "
     'Finally answer with option from choices with prefix "Answer: ".'
 )
 
-_MARKER = re.compile(r"\banswer\b\]?(?:\s+is\b)?\s*[:：]?", re.IGNORECASE)
+_MARKER = re.compile(r"(?:\banswer\b|答案)\]?(?:\s+is\b)?\s*[:：]?", re.IGNORECASE)
+_LONE_LETTER = re.compile(r"[\W_]*\(?([A-Za-z])\)?[\W_]*")
+#: The share of outputs R3V's judge credits when it reads no answer from them.
+R3V_RANDOM_CREDIT = 0.75
 _LEADING_LETTER = re.compile(r"[^\w(]*(?:(?i:option|choice)\s*)?\(?([A-Z])\)?(?!\w)")
 _PAREN_LETTER = re.compile(r"\(([A-Za-z])\)")
 _NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?!\.?\d)")
@@ -82,6 +92,7 @@ _SHAREGPT_ANSWER = re.compile(r"Answer:\s*\(?([A-Z])\)?\s*$")
 
 def letter_judge(text: str, choices: Sequence[str]) -> str | None:
     """The default deterministic judge (see the module docstring): a letter, or None."""
+    text = unicodedata.normalize("NFKC", text)
     markers = list(_MARKER.finditer(text))
     scope = text[markers[-1].end() :] if markers else ""
     scope = scope.split("[Rationale]")[0].split("[Context]")[0]
@@ -89,6 +100,9 @@ def letter_judge(text: str, choices: Sequence[str]) -> str | None:
     if not after_marker:
         lines = [line for line in text.splitlines() if line.strip()]
         scope = lines[-1] if lines else ""
+    lone = _LONE_LETTER.fullmatch(scope)
+    if lone:
+        return lone.group(1).upper()
     candidates: list[tuple[int, int, str]] = []  # (position, option order, letter)
     leading = _LEADING_LETTER.match(scope)
     if leading:
@@ -136,8 +150,15 @@ def r3v_judge(text: str, choices: Sequence[str]) -> str | None:
     return choice_fallbacks(text, [str(c) for c in choices])
 
 
+@dataclass(frozen=True)
+class GeoQAOptions(HubOptions):
+    hf_dataset: str | None = HF_DATASET
+    #: "letter": the deterministic judge; "r3v": R3V's own (see the module docstring).
+    judge: Literal["letter", "r3v"] = "letter"
+
+
 @tasks.register("geoqa")
-class GeoQA:
+class GeoQA(InstructionPrompts, ChoiceTask):
     """GeoQA geometry multiple choice (R3V's processed data); deterministic letter judge or R3V parity."""
 
     name = "geoqa"
@@ -145,30 +166,17 @@ class GeoQA:
     sources = f"local dir: R3V geoQA-data/<split>.jsonl + images/ (or geoqa_train_base.json); hub: {HF_DATASET}"
     #: Only some processed copies carry these; the breakdown lists what the data has.
     breakdown_keys = ("domain", "topic")
-
-    def __init__(
-        self,
-        judge: str = "letter",
-        hf_dataset: str = HF_DATASET,
-        skip_bad: bool = False,
-        allow_outside_paths: bool = False,
-        cache_dir: str | None = None,
-    ) -> None:
-        if judge not in JUDGES:
-            raise ValueError(f"geoqa judge must be one of {', '.join(JUDGES)}, not {judge!r}")
-        self.judge = judge
-        self.hf_dataset = hf_dataset
-        self.skip_bad = skip_bad
-        self.allow_outside_paths = allow_outside_paths
-        self.cache_dir = cache_dir
-        #: Errors of the records skipped by the last ``load`` (only with ``skip_bad``).
-        self.bad_records: list[str] = []
+    metadata_keys = ("domain", "topic", "original_split")
+    Options = GeoQAOptions
+    reference = REFERENCE_B
+    cot_instruction = COT_INSTRUCTION
+    qa_instruction = 'Answer with the option\'s letter from the given choices directly, with prefix "Answer: ".'
+    select_text = 'Which prediction is correct? Finally answer with option from choices with prefix "Answer: ".'
 
     # loading ------------------------------------------------------------------------------------
 
     def load(self, split: str, data_dir: str | Path | None = None, limit: int | None = None) -> list[Example]:
-        check_split(self.name, self.splits, split)
-        self.bad_records = []
+        self.start_load(split)
         if data_dir is None:
             return self._load_hub(split, limit)
         root = Path(data_dir)
@@ -177,81 +185,47 @@ class GeoQA:
         if not found:
             raise DataError(f"geoqa: none of {', '.join(names)} found under {root} (or its geoQA-data/)", path=root)
         path = found[0]
-        examples = []
-        for index, record in enumerate(read_json_records(path)):
-            if limit is not None and len(examples) >= limit:
-                break
-            label = _label(record, index)
-            try:
-                examples.append(self._local_example(record, path.parent / "images", label))
-            except BadRecord as exc:
-                self._bad(DataError(str(exc), path=path, record=label), exc)
-        return examples
 
-    def _local_example(self, record: dict[str, Any], images_root: Path, label: str) -> Example:
-        if "messages" in record:
-            record = _from_sharegpt(record)
-        example = self.example_from_record(record, 0)
-        image = require(record, "image", str)
-        try:
-            example.images = [str(local_image(images_root, image, self.allow_outside_paths, True, label))]
-        except DataError as exc:
-            raise BadRecord(exc.problem) from exc
-        return example
+        def build(index: int, record: dict[str, Any]) -> Example:
+            where = {"path": path, "record": record_label(record, index)}
+            if "messages" in record:
+                record = _from_sharegpt(record, where)
+            example = self.read_record(record, where)
+            image = text_field(record, "image", where)
+            example.images = [str(self.local_image(path.parent / "images", image, where))]
+            return example
+
+        return self.collect(read_records(path), build, limit)
 
     def _load_hub(self, split: str, limit: int | None) -> list[Example]:
-        rows = hub_rows(self.hf_dataset, split, self.cache_dir, hub_split="train")
+        # the hub port has one train split; the official splits are told apart by original_split
+        rows = self.hub_rows("train", "R3V's geoQA-data folder")
         wanted = HUB_SPLIT_NAMES[split]
         seen: set[str] = set()
-        examples = []
-        for index, row in enumerate(rows):
-            if limit is not None and len(examples) >= limit:
-                break
+
+        def build(index: int, row: dict[str, Any]) -> Example | None:
             seen.add(str(row.get("original_split")))
             if row.get("original_split") not in wanted:
-                continue
-            label = _label(row, index)
-            try:
-                record = {
-                    "id": require(row, "id", (int, str)),
-                    "question": require(row, "subject", str),
-                    "choices": row.get("choices"),
-                    "answer": require(row, "label", int),
-                    "original_split": row.get("original_split"),
-                }
-                example = self.example_from_record(record, index)
-                example.images = [open_hub_image(row.get("image"))]
-                examples.append(example)
-            except BadRecord as exc:
-                self._bad(DataError(str(exc), path=self.hf_dataset, record=label), exc)
+                return None
+            where = {"path": self.options.hf_dataset, "record": record_label(row, index)}
+            record = {
+                "id": field(row, "id", (int, str), where),
+                "question": text_field(row, "subject", where),
+                "choices": row.get("choices"),
+                "answer": field(row, "label", int, where),
+                "original_split": row.get("original_split"),
+            }
+            example = self.read_record(record, where)
+            example.images = [hub_image(row.get("image"), where)]
+            return example
+
+        examples = self.collect(rows, build, limit)
         if not examples and not self.bad_records and limit != 0:
             raise DataError(
-                f"no rows with original_split in {sorted(wanted)}; the data has {sorted(seen)}", path=self.hf_dataset
+                f"no rows with original_split in {sorted(wanted)}; the data has {sorted(seen)}",
+                path=self.options.hf_dataset,
             )
         return examples
-
-    def _bad(self, error: DataError, cause: Exception) -> None:
-        raise_or_record(error, self.skip_bad, self.bad_records, cause)
-
-    def example_from_record(self, record: dict[str, Any], index: int) -> Example:
-        """An Example from one R3V record: ``id``, ``question``, ``choices``, ``answer`` (letter or
-        0-based index); ``domain`` and ``topic`` when present. The image is not needed for scoring."""
-        if not isinstance(record, dict):
-            raise BadRecord("record is not a JSON object")
-        raw_id = require(record, "id", (str, int))
-        question = require(record, "question", str)
-        choices = parse_choices(require(record, "choices", (list, tuple)))
-        if "answer" not in record:
-            raise BadRecord("missing field 'answer'")
-        metadata = {key: optional_text(record, key) for key in ("domain", "topic", "original_split")}
-        return Example(
-            id=str(raw_id),
-            task=self.name,
-            question=question,
-            answer=parse_gold_letter(record["answer"], len(choices)),
-            choices=choices,
-            metadata={k: v for k, v in metadata.items() if v},
-        )
 
     # prompts ------------------------------------------------------------------------------------
 
@@ -259,51 +233,38 @@ class GeoQA:
         """R3V's query layout: the question, then ``Choices:`` and ``(A) x`` lines."""
         return f"{example.question}\nChoices:\n{format_options(example.choices or [])}"
 
-    def cot_prompt(self, example: Example) -> str:
-        return f"{self.body(example)}\n{COT_INSTRUCTION}"
-
-    def qa_prompt(self, example: Example) -> str:
-        return f'{self.body(example)}\nAnswer with the option\'s letter from the given choices directly, with prefix "Answer: ".'
-
     def answer_line(self, answer: Any, example: Example) -> str:
         """A bare letter, as R3V's GeoQA rationales end (``Answer: B``)."""
         return f"Answer: {option_letter(answer)}"
 
-    def select_instruction(self, example: Example) -> str:
-        return 'Which prediction is correct? Finally answer with option from choices with prefix "Answer: ".'
-
     # scoring ------------------------------------------------------------------------------------
 
+    def read_letter(self, text: str, choices: Sequence[str]) -> str | None:
+        judge = r3v_judge if self.options.judge == "r3v" or self.options.scoring == "official" else letter_judge
+        return judge(text, choices)
+
     def extract(self, text: str, example: Example) -> str | None:
-        choices = example.choices or []
-        judge = r3v_judge if self.judge == "r3v" else letter_judge
-        return letter_in_range(judge(text, choices), choices) if isinstance(text, str) else None
-
-    def normalize(self, answer: str, example: Example) -> str:
-        return answer.strip().upper()
-
-    def is_correct(self, answer: str | None, example: Example) -> bool:
-        return answer is not None and self.normalize(answer, example) == example.answer
+        if self.options.scoring != "official" or not isinstance(text, str):
+            return super().extract(text, example)
+        letter = r3v_judge(text, example.choices or [])
+        if letter is None:  # R3V's last branch: credited at random
+            credited = self.official_draw(example, text).random() < R3V_RANDOM_CREDIT
+            return str(example.answer) if credited else None
+        return letter_in_range(letter, example.choices or [])
 
 
-def _label(record: Any, index: int) -> str:
-    if isinstance(record, dict) and isinstance(record.get("id"), str | int) and not isinstance(record.get("id"), bool):
-        return str(record["id"])
-    return f"#{index}"
-
-
-def _from_sharegpt(record: dict[str, Any]) -> dict[str, Any]:
+def _from_sharegpt(record: dict[str, Any], where: Where) -> dict[str, Any]:
     """An R3V record from a LLaMA-Factory sharegpt item (``geoqa_train_base.json``)."""
-    messages = require(record, "messages", list)
-    images = require(record, "images", list)
+    messages = field(record, "messages", list, where)
+    images = field(record, "images", list, where)
     if len(messages) < 2 or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages[:2]):
-        raise BadRecord("'messages' should hold a user and an assistant turn with text content")
+        raise DataError("'messages' should hold a user and an assistant turn with text content", **where)
     if not images or not isinstance(images[0], str):
-        raise BadRecord("'images' should list one image path")
+        raise DataError("'images' should list one image path", **where)
     user = messages[0]["content"].replace("<image>", "", 1)
     question, sep, rest = user.rpartition("\nChoices:\n")
     if not sep:
-        raise BadRecord("the user turn has no 'Choices:' block")
+        raise DataError("the user turn has no 'Choices:' block", **where)
     choices = []
     for line in rest.split("\n"):
         option = _SHAREGPT_OPTION.fullmatch(line)
@@ -312,7 +273,7 @@ def _from_sharegpt(record: dict[str, Any]) -> dict[str, Any]:
         choices.append(option.group(2))
     gold = _SHAREGPT_ANSWER.search(messages[1]["content"])
     if not gold:
-        raise BadRecord(f"cannot read the gold letter from {messages[1]['content']!r}")
+        raise DataError(f"cannot read the gold letter from {messages[1]['content']!r}", **where)
     # the stored paths are absolute on the authors' machine: keep the file name only
     name = PureWindowsPath(images[0]).name
     return {"id": name.rsplit(".", 1)[0], "question": question, "choices": choices, "answer": gold.group(1), "image": name}

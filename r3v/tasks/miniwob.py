@@ -24,7 +24,9 @@ looking at the gold box. Accuracy breaks down by MiniWob task (``task_name``).
 This is not the benchmark's metric. Papers report the online success rate: the agent acts in the
 live MiniWoB++ environment (Selenium + Chrome, e.g. SeeClick's ``miniwob_test.py``: 10 seeded
 episodes per task, at most 10 steps (30 for guess-number, use-slider, choose-date), success when
-the reward exceeds 0.8, score = mean per-task success). Step accuracy here only tracks it.
+the reward exceeds 0.8, score = mean per-task success). Step accuracy here only tracks it;
+``r3v bench --task miniwob --online`` (``r3v.online``) measures the real thing, with the prompts and
+the action parsing of this module: ``step_example`` turns a live step into an Example without gold.
 """
 
 from __future__ import annotations
@@ -33,13 +35,17 @@ import ast
 import json
 import math
 import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from PIL import Image
 
 from r3v.errors import DataError
 from r3v.records import Example
 from r3v.registry import tasks
-from r3v.tasks.base import check_split, local_image, raise_or_record
+from r3v.tasks.base import DataOptions, TaskBase, Where, read_json
 
 CLICK, TYPE = 4, 3
 ACTION_TYPES = {"click": CLICK, "type": TYPE}
@@ -137,69 +143,66 @@ def gold_click_point(bbox: list[float], screen: tuple[int, int]) -> list[float]:
     return [centre[0], centre[1]]
 
 
+@dataclass(frozen=True)
+class MiniWobOptions(DataOptions):
+    #: The screenshots' folder [default: images/, screenshots/ or miniwob_images/ in the data dir, or
+    #: the data dir itself].
+    images_dir: str | None = None
+    #: Width and height of the screen the bboxes are in (pixels).
+    screen_size: tuple[int, int] = SCREEN_SIZE
+
+
 @tasks.register("miniwob")
-class MiniWob:
+class MiniWob(TaskBase):
     """MiniWoB++ steps in SeeClick's format; offline step judge (click in bbox / typed text)."""
 
     name = "miniwob"
     splits = ("train", "test")
     sources = "local dir: SeeClick miniwob_data_<split>.json + screenshots (images/); no hub copy"
     breakdown_keys = ("task_name",)
+    metadata_keys = ("task_name", "action_type", "bbox", "typed_text", "previous_actions", "episode", "step")
+    Options = MiniWobOptions
 
-    def __init__(
-        self,
-        skip_bad: bool = False,
-        allow_outside_paths: bool = False,
-        images_dir: str | None = None,
-        screen_size: tuple[int, int] = SCREEN_SIZE,
-    ) -> None:
-        self.skip_bad = skip_bad
-        self.allow_outside_paths = allow_outside_paths
-        self.images_dir = images_dir
-        self.screen_size = (int(screen_size[0]), int(screen_size[1]))
-        #: Errors of the steps skipped by the last ``load`` (only with ``skip_bad``).
-        self.bad_records: list[str] = []
+    @property
+    def screen_size(self) -> tuple[int, int]:
+        return self.options.screen_size
 
     # loading ------------------------------------------------------------------------------------
 
     def load(self, split: str, data_dir: str | Path | None = None, limit: int | None = None) -> list[Example]:
-        check_split(self.name, self.splits, split)
-        self.bad_records = []
+        self.start_load(split)
         if data_dir is None:
             raise DataError("task 'miniwob' needs --data-dir with SeeClick's miniwob_data_<split>.json and screenshots")
         root = Path(data_dir)
         path = root / f"miniwob_data_{split}.json"
         if not path.is_file():
             raise DataError(f"miniwob: {path.name} not found under {root} (SeeClick published only the train file)", path=root)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise DataError(f"malformed JSON: {exc}", path=path) from exc
+        data = read_json(path)
         if not isinstance(data, dict):
             raise DataError(f"expected an object task_name -> episodes, got {type(data).__name__}", path=path)
         images = self._images_root(root)
         examples: list[Example] = []
         for task_name, episodes in data.items():
             if not isinstance(episodes, list):
-                self._bad(DataError("episodes should be a list", path=path, record=task_name))
+                self.record_bad(DataError("episodes should be a list", path=path, record=task_name))
                 continue
             for e, episode in enumerate(episodes):
                 if not isinstance(episode, list):
-                    self._bad(DataError("an episode should be a list of steps", path=path, record=f"{task_name}[{e}]"))
+                    self.record_bad(DataError("an episode should be a list of steps", path=path, record=f"{task_name}[{e}]"))
                     continue
                 history: list[str] = []
                 for s, step in enumerate(episode):
                     if limit is not None and len(examples) >= limit:
                         return examples
-                    label = f"{task_name}[{e}][{s}]"
+                    where = {"path": path, "record": f"{task_name}[{e}][{s}]"}
                     try:
                         record = dict(step, task_name=task_name, previous_actions=history[-HISTORY:]) if isinstance(step, dict) else step
-                        example = self.example_from_record(record, len(examples))
+                        example = self._read(record, len(examples), where)
                         example.id = f"{task_name}-{e}-{s}"
                         example.metadata.update(episode=e, step=s)
-                        example.images = [str(self._image(images, record, label))]
-                    except ValueError as exc:
-                        self._bad(DataError(str(exc), path=path, record=label))
+                        example.images = [str(self._image(images, record, where))]
+                    except DataError as exc:
+                        self.record_bad(exc)
                         # later steps still get a history of the right length, with this step unknown
                         history.append("{}")
                         continue
@@ -208,57 +211,54 @@ class MiniWob:
         return examples
 
     def _images_root(self, root: Path) -> Path:
-        if self.images_dir is not None:
-            return Path(self.images_dir)
+        if self.options.images_dir is not None:
+            return Path(self.options.images_dir)
         for name in IMAGE_DIRS:
             if (root / name).is_dir():
                 return root / name
         return root
 
-    def _image(self, images: Path, record: dict[str, Any], label: str) -> Path:
+    def _image(self, images: Path, record: dict[str, Any], where: Where) -> Path:
         name = record.get("img_filename")
         if not isinstance(name, str) or not name:
-            raise ValueError("missing field 'img_filename'")
-        try:
-            return local_image(images, name, self.allow_outside_paths, True, label, kind="screenshot")
-        except DataError as exc:
-            raise ValueError(exc.problem) from exc
-
-    def _bad(self, error: DataError) -> None:
-        raise_or_record(error, self.skip_bad, self.bad_records)
+            raise DataError("missing field 'img_filename'", **where)
+        return self.local_image(images, name, where, kind="screenshot")
 
     def example_from_record(self, record: dict[str, Any], index: int) -> Example:
         """An Example from one SeeClick step plus ``task_name`` (and optional ``id``,
-        ``previous_actions``: action strings, oldest first). Bad fields raise ValueError."""
+        ``previous_actions``: action strings, oldest first). Bad fields raise a DataError."""
+        return self._read(record, index, {})
+
+    def _read(self, record: Any, index: int, where: Where) -> Example:
         if not isinstance(record, dict):
-            raise ValueError("a step should be a JSON object")
+            raise DataError("a step should be a JSON object", **where)
         goal = record.get("goal")
         if not isinstance(goal, str):
-            raise ValueError("missing field 'goal' (a string)")
+            raise DataError("missing field 'goal' (a string)", **where)
         task_name = record.get("task_name")
         if not isinstance(task_name, str) or not task_name:
-            raise ValueError("missing field 'task_name' (a string)")
+            raise DataError("missing field 'task_name' (a string)", **where)
         kind = record.get("action_type")
         if kind not in ACTION_TYPES:
-            raise ValueError(f"action_type should be 'click' or 'type', got {kind!r}")
+            raise DataError(f"action_type should be 'click' or 'type', got {kind!r}", **where)
         metadata: dict[str, Any] = {"task_name": task_name, "action_type": kind}
         if kind == "click":
             bbox = record.get("bbox")
             if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
-                raise ValueError(f"bbox should be [x1, y1, x2, y2] numbers, got {bbox!r}")
+                raise DataError(f"bbox should be [x1, y1, x2, y2] numbers, got {bbox!r}", **where)
             if bbox[0] > bbox[2] or bbox[1] > bbox[3]:
-                raise ValueError(f"bbox {bbox!r} has x1 > x2 or y1 > y2")
+                raise DataError(f"bbox {bbox!r} has x1 > x2 or y1 > y2", **where)
             metadata["bbox"] = [float(v) for v in bbox]
             gold = {"action_type": CLICK, "click_point": gold_click_point(metadata["bbox"], self.screen_size)}
         else:
             typed = record.get("typed_text")
             if not isinstance(typed, str):
-                raise ValueError("a 'type' step needs field 'typed_text' (a string)")
+                raise DataError("a 'type' step needs field 'typed_text' (a string)", **where)
             metadata["typed_text"] = typed
             gold = {"action_type": TYPE, "typed_text": typed}
         previous = record.get("previous_actions", [])
         if not (isinstance(previous, list) and all(isinstance(a, str) for a in previous)):
-            raise ValueError("previous_actions should be a list of action strings")
+            raise DataError("previous_actions should be a list of action strings", **where)
         metadata["previous_actions"] = previous[-HISTORY:]
         raw_id = record.get("id", f"{task_name}-{index}")
         return Example(
@@ -267,6 +267,21 @@ class MiniWob:
             question=goal,
             answer=render_action(gold),
             metadata=metadata,
+        )
+
+    def step_example(
+        self, example_id: str, task_name: str, goal: str, screenshot: Image.Image | str,
+        previous_actions: Sequence[str] = (),
+    ) -> Example:
+        """A step met in the live environment (``r3v bench --online``): the goal, the screenshot and
+        the actions taken so far (the last four reach the prompt, as offline), with no gold answer."""
+        return Example(
+            id=example_id,
+            task=self.name,
+            question=goal,
+            answer=None,
+            images=[screenshot],
+            metadata={"task_name": task_name, "previous_actions": list(previous_actions)[-HISTORY:]},
         )
 
     # prompts ------------------------------------------------------------------------------------
@@ -278,7 +293,8 @@ class MiniWob:
         return SEECLICK_PROMPT.format(goal=example.question, previous=previous)
 
     def cot_prompt(self, example: Example) -> str:
-        return self.seeclick_prompt(example) + COT_INSTRUCTION
+        instruction = self.options.cot_instruction
+        return self.seeclick_prompt(example) + (f"\n{instruction}" if instruction else COT_INSTRUCTION)
 
     def qa_prompt(self, example: Example) -> str:
         # SeeClick's prompt unchanged: its models answer with the action alone
@@ -309,9 +325,9 @@ class MiniWob:
 
     def is_correct(self, answer: str | None, example: Example) -> bool:
         action = parse_action(answer) if answer is not None else None
-        if action is None:
-            return False
         meta = example.metadata
+        if action is None or "action_type" not in meta:  # a live step has no gold: the environment judges it
+            return False
         if meta["action_type"] == "click":
             if action["action_type"] != CLICK:
                 return False

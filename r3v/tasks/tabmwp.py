@@ -5,23 +5,27 @@ Data: PromptPG's ``data/tabmwp`` folder: ``problems_<split>.json`` (an object ke
 
 Scoring follows PromptPG's ``extract_prediction`` + ``normalize_answer`` with R3V's additions (an
 ``Answer: X`` pattern tried first), and is exact match of the normalised strings, case-insensitive.
-Two deliberate differences, both deterministic where the reference is not:
+Deliberate differences, each deterministic where the reference is not; ``scoring=official``
+(on with ``--reference``) restores all three, with a seeded draw for the first:
 
 * A multiple-choice letter that names no option (e.g. "E" with four options) is treated like a
   letter outside A-F in the reference: that pattern is skipped and the next one is tried, ending
   in the word-overlap rule. The reference picks a random option instead.
+* An empty or whitespace-only output extracts to None. The reference's word-overlap rule picks
+  the first option (A) of a multiple-choice question for it.
 * A number that cannot be evaluated ("1/0", "1.2.3") stays as text, so it matches only an
   identical gold string. R3V maps it to "0" (which then matches gold 0); pass
   ``unparseable_as_zero=True`` to reproduce that.
 
-An empty or whitespace-only output extracts to None (the reference would pick the first option of
-a multiple-choice question). A letter beyond F is accepted when the question has that many options
-(TabMWP never has more than six, so this never differs from the reference in practice).
+A letter beyond F is accepted when the question has that many options (TabMWP never has more
+than six, so this never differs from the reference in practice).
 """
 
 from __future__ import annotations
 
+import random
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +34,11 @@ from r3v.records import Example
 from r3v.registry import tasks
 from r3v.tasks.base import (
     OPTION_LETTERS,
-    check_split,
-    flag,
+    DataOptions,
+    TaskBase,
+    field,
     format_options,
-    local_image,
-    raise_or_record,
+    object_record,
     read_json,
     resolve_data_file,
 )
@@ -107,11 +111,16 @@ def word_overlap(option: str, output: str) -> float:
     return len(shared) / max(len(option_words), len(output_words))
 
 
-def extract_prediction(output: str, choices: list[str] | None) -> str:
+#: The letters the reference takes as option letters; one past the options draws a random option.
+REFERENCE_LETTERS = "ABCDEF"
+
+
+def extract_prediction(output: str, choices: list[str] | None, draw: random.Random | None = None) -> str:
     """The predicted answer in a model output: an option's text for multiple choice, else a string.
 
     Reproduces PromptPG/R3V ``extract_prediction`` except that a letter naming no option falls
     through to the next pattern instead of picking a random option (see the module docstring).
+    With ``draw`` (official scoring), a letter in A-F past the options picks an option from it.
     """
     text = clean_output(output)
     if choices:
@@ -119,9 +128,12 @@ def extract_prediction(output: str, choices: list[str] | None) -> str:
             match = pattern.search(text)
             if match is None:
                 continue
-            index = OPTION_LETTERS.find(match.group(1).upper())
+            letter = match.group(1).upper()
+            index = OPTION_LETTERS.find(letter)
             if 0 <= index < len(choices):
                 return choices[index]
+            if draw is not None and letter in REFERENCE_LETTERS:
+                return choices[draw.randrange(len(choices))]
         scores = [word_overlap(option, text) for option in choices]
         return choices[scores.index(max(scores))]  # ties: the first option, as numpy.argmax
     for pattern in _FREE_PATTERNS:
@@ -170,22 +182,14 @@ def grade_band(grade: int) -> str:
     return str(grade)
 
 
-def _field(record: dict, key: str, kinds: tuple[type, ...], where: dict, optional: bool = False) -> Any:
-    if key not in record:
-        if optional:
-            return None
-        raise DataError(f"missing field {key!r}", **where)
-    value = record[key]
-    if value is None and optional:
-        return None
-    if not isinstance(value, kinds) or isinstance(value, bool):
-        names = " or ".join(k.__name__ for k in kinds)
-        raise DataError(f"field {key!r} should be {names}, got {type(value).__name__}", **where)
-    return value
+@dataclass(frozen=True)
+class TabMWPOptions(DataOptions):
+    #: R3V's mapping of unevaluable numbers to "0" (see the module docstring).
+    unparseable_as_zero: bool = False
 
 
 @tasks.register("tabmwp")
-class TabMWP:
+class TabMWP(TaskBase):
     name = "tabmwp"
     splits = ("train", "dev", "test", "test1k", "dev1k")
     sources = (
@@ -193,58 +197,32 @@ class TabMWP:
         "no official Hugging Face dataset"
     )
     breakdown_keys = ("ques_type", "ans_type", "grade")
-
-    def __init__(
-        self,
-        skip_bad: bool = False,
-        check_images: bool = True,
-        allow_outside_paths: bool = False,
-        unparseable_as_zero: bool = False,
-    ) -> None:
-        """``skip_bad``: skip malformed problems (listed in ``bad_records``) instead of raising.
-        ``check_images``: a problem whose table image is missing counts as malformed.
-        ``unparseable_as_zero``: R3V's mapping of unevaluable numbers to "0" (see module docstring).
-        Flags also accept "true"/"false".
-        """
-        self.skip_bad = flag("skip_bad", skip_bad)
-        self.check_images = flag("check_images", check_images)
-        self.allow_outside_paths = flag("allow_outside_paths", allow_outside_paths)
-        self.unparseable_as_zero = flag("unparseable_as_zero", unparseable_as_zero)
-        self.bad_records: list[str] = []
+    metadata_keys = ("pid", "unit", "ques_type", "ans_type", "grade", "grade_level", "table_title", "table", "solution")
+    Options = TabMWPOptions
 
     # ---------------------------------------------------------------- loading
     def load(self, split: str, data_dir: str | Path | None = None, limit: int | None = None) -> list[Example]:
-        check_split(self.name, self.splits, split)
+        self.start_load(split)
         path = resolve_data_file(data_dir, f"problems_{split}.json", task=self.name)
         problems = read_json(path)
         if not isinstance(problems, dict):
             raise DataError(f"expected a JSON object keyed by pid, got {type(problems).__name__}", path=path)
-        self.bad_records = []
-        examples: list[Example] = []
-        for pid, problem in problems.items():
-            if limit is not None and len(examples) >= limit:
-                break
-            try:
-                examples.append(self._build(problem, pid, Path(data_dir), path))
-            except DataError as exc:
-                raise_or_record(exc, self.skip_bad, self.bad_records)
-        return examples
+        return self.collect(problems.items(), lambda _, item: self._build(item[1], item[0], Path(data_dir), path),
+                            limit)
 
     def example_from_record(self, record: dict, index: int, data_dir: str | Path | None = None) -> Example:
         """One problem dict (with its ``pid``; the index stands in when it has none)."""
-        if not isinstance(record, dict):
-            raise DataError(f"expected a JSON object, got {type(record).__name__}", record=f"index {index}")
+        record = object_record(record, {"record": f"index {index}"})
         pid = record.get("pid", str(index))
         return self._build(record, str(pid), Path(data_dir) if data_dir else None, None)
 
     def _build(self, problem: Any, pid: str, root: Path | None, path: Path | None) -> Example:
         where = {"path": path, "record": f"pid {pid}"}
-        if not isinstance(problem, dict):
-            raise DataError(f"expected a JSON object, got {type(problem).__name__}", **where)
-        question = _field(problem, "question", (str,), where)
-        answer = _field(problem, "answer", (str,), where)
-        unit = _field(problem, "unit", (str,), where, optional=True)
-        choices = _field(problem, "choices", (list,), where, optional=True)
+        problem = object_record(problem, where)
+        question = field(problem, "question", str, where)
+        answer = field(problem, "answer", str, where)
+        unit = field(problem, "unit", str, where, optional=True)
+        choices = field(problem, "choices", list, where, optional=True)
         if choices is not None:
             if not all(isinstance(c, str) for c in choices):
                 raise DataError("field 'choices' should be a list of strings", **where)
@@ -252,22 +230,21 @@ class TabMWP:
                 raise DataError(f"{len(choices)} choices; at most {len(OPTION_LETTERS)} are supported", **where)
             if choices and answer not in choices:
                 raise DataError(f"answer {answer!r} is not one of the choices {choices}", **where)
-        grade = _field(problem, "grade", (int,), where)
+        grade = field(problem, "grade", int, where)
         metadata = {
             "pid": pid,
             "unit": unit,
-            "ques_type": _field(problem, "ques_type", (str,), where),
-            "ans_type": _field(problem, "ans_type", (str,), where),
+            "ques_type": field(problem, "ques_type", str, where),
+            "ans_type": field(problem, "ans_type", str, where),
             "grade": grade_band(grade),
             "grade_level": grade,
-            "table_title": _field(problem, "table_title", (str,), where, optional=True),
-            "table": _field(problem, "table", (str,), where, optional=True),
-            "solution": _field(problem, "solution", (str,), where, optional=True),
+            "table_title": field(problem, "table_title", str, where, optional=True),
+            "table": field(problem, "table", str, where, optional=True),
+            "solution": field(problem, "solution", str, where, optional=True),
         }
         images = []
         if root is not None:
-            image = local_image(root, f"tables/{pid}.png", self.allow_outside_paths, self.check_images, f"pid {pid}")
-            images.append(str(image))
+            images.append(str(self.local_image(root, f"tables/{pid}.png", where)))
         return Example(
             id=pid,
             task=self.name,
@@ -287,7 +264,8 @@ class TabMWP:
         return text
 
     def cot_prompt(self, example: Example) -> str:
-        return f"{self._question_block(example)}\n{COT_MC if example.choices else COT_FREE}"
+        instruction = self.options.cot_instruction or (COT_MC if example.choices else COT_FREE)
+        return f"{self._question_block(example)}\n{instruction}"
 
     def qa_prompt(self, example: Example) -> str:
         return f"{self._question_block(example)}\n{QA_MC if example.choices else QA_FREE}"
@@ -304,16 +282,19 @@ class TabMWP:
 
     # ---------------------------------------------------------------- scoring
     def extract(self, text: str, example: Example) -> str | None:
+        official = self.options.scoring == "official"
         if not text.strip():
-            return None
-        prediction = extract_prediction(text, example.choices)
+            return example.choices[0] if official and example.choices else None
+        draw = self.official_draw(example, text) if official else None
+        prediction = extract_prediction(text, example.choices, draw)
         return prediction or None
 
     def _normalized(self, answer: str, example: Example, as_zero: bool) -> str:
         return normalize_answer(answer, example.metadata.get("unit"), as_zero).lower()
 
     def normalize(self, answer: str, example: Example) -> str:
-        return self._normalized(answer, example, self.unparseable_as_zero)
+        as_zero = self.options.unparseable_as_zero or self.options.scoring == "official"
+        return self._normalized(answer, example, as_zero)
 
     def is_correct(self, answer: str | None, example: Example) -> bool:
         if answer is None:

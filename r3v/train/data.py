@@ -30,9 +30,15 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from r3v.errors import DataError
-from r3v.models.batching import SEQUENCE_KEYS, collate
+from r3v.models.batching import SEQUENCE_KEYS, collate, concat_rows
 from r3v.models.batching import encode as encode_prompt
-from r3v.models.shared_images import IMAGE_INDEX_KEY, IMAGE_SET_KEY, IMAGE_SETS_KEY, distinct_image_sets
+from r3v.models.shared_images import (
+    IMAGE_INDEX_KEY,
+    IMAGE_SET_KEY,
+    IMAGE_SETS_KEY,
+    distinct_image_sets,
+    encoder_units,
+)
 from r3v.records import (
     MAX_ASPECT_RATIO,
     OBJECTIVE_OF_KIND,
@@ -129,7 +135,9 @@ class LengthMeter:
     """Token counts of chat prompts from their text and their images' sizes alone.
 
     A processor turns each image placeholder into a number of tokens that depends only on the
-    image's size (Qwen2-VL: one per 28x28 patch after resizing; LLaVA: a constant), so the meter
+    image's size (Qwen2-VL: one per 28x28 patch after resizing; InternVL: per tile, the tiles
+    following the aspect ratio; Idefics3: per crop of the split image; LLaVA-OneVision: per crop
+    of its anyres grid; LLaVA, Gemma 3: a constant), so the meter
     runs the processor once per distinct size, on a blank image, and adds that count to the
     tokenizer's count of the text. ``r3v.collate.ItemDataset`` checks each prediction against the
     real encoding when the item is used.
@@ -212,7 +220,7 @@ class CompletionCollator:
         not_vision = {*SEQUENCE_KEYS, "objective", IMAGE_SET_KEY, PADDING_KEY}
         other_keys = [k for f in features for k in f if k not in not_vision]
         for key in dict.fromkeys(other_keys):
-            batch[key] = torch.cat([f[key] for f in vision_rows if key in f], dim=0)
+            batch[key] = concat_rows([f[key] for f in vision_rows if key in f])
         batch["objective"] = torch.tensor([int(f["objective"]) for f in features], dtype=torch.long)
         batch[PADDING_KEY] = torch.tensor([bool(f.get(PADDING_KEY, False)) for f in features], dtype=torch.bool)
         return batch
@@ -314,7 +322,9 @@ class ItemDataset(Dataset):
             self._cache.move_to_end(index)
         out = {**features, "objective": self.objectives[index]}
         if self.image_sets[index]:
-            out[IMAGE_SET_KEY] = self.image_sets[index]
+            # (set id, encoder units): images, or InternVL's tiles / Idefics3's crops, which the
+            # encoding alone tells (see r3v.models.shared_images)
+            out[IMAGE_SET_KEY] = (self.image_sets[index][0], encoder_units(features))
         if padding:
             out["labels"] = torch.full_like(features["labels"], -100)
             out[PADDING_KEY] = True

@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from r3v.config import TrainConfig
+from r3v.config import TrainConfig, parse_override
 from r3v.errors import DataError
-from r3v.io import atomic_write_json, atomic_write_text
+from r3v.io import atomic_write_json, atomic_write_text, scoped_environ
 from r3v.models.presets import PRESETS, named_preset
 from r3v.records import Example, TrainItem
 from r3v.train.trainer import (
@@ -37,17 +37,6 @@ from r3v.train.trainer import (
 )
 
 log = logging.getLogger("r3v.train")
-
-
-def _parse_setting(text: str) -> tuple[str, Any]:
-    if "=" not in text:
-        raise ValueError(f"--set takes key=value, got {text!r}")
-    key, raw = text.split("=", 1)
-    try:
-        value = json.loads(raw)
-    except ValueError:
-        value = raw  # a bare string such as a scheduler name or a regex
-    return key.strip(), value
 
 
 JOB_FILE = "train_job.yaml"
@@ -196,16 +185,10 @@ def _tracking_environment(job: TrainJob, folder: Path) -> Iterator[None]:
                 "WANDB_DIR": str(where)}
     if job.run_name:
         settings |= {"WANDB_NAME": job.run_name, "WANDB_RUN_GROUP": job.run_name.split("/")[0]}
-    saved = {key: os.environ.get(key) for key in settings}
-    os.environ.update({key: value for key, value in settings.items() if saved[key] is None or key.startswith("TENSORBOARD")})
-    try:
+    # a user's own wandb settings win; the TensorBoard folder is the job's
+    chosen = {key: value for key, value in settings.items() if key not in os.environ or key.startswith("TENSORBOARD")}
+    with scoped_environ(chosen):
         yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 class TrainingProcessError(RuntimeError):
@@ -329,7 +312,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 raise click.UsageError("give --job FILE, or --model, --items and --out")
             config = named_preset(preset, model)
             try:
-                config = TrainConfig.from_dict({**config.to_dict(), **dict(_parse_setting(s) for s in settings)})
+                pairs = [parse_override(text) for text in settings]
+                config = TrainConfig.from_dict({**config.to_dict(), **{".".join(path): value for path, value in pairs}})
             except ValueError as exc:
                 raise click.BadParameter(str(exc), param_hint="--set") from exc
             out = Path(out_dir)

@@ -41,7 +41,7 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 from r3v.config import TrainConfig
 from r3v.errors import DataError
 from r3v.io import append_jsonl, atomic_write_json, atomic_write_text, iter_jsonl, repair_jsonl_tail
-from r3v.models import shared_images
+from r3v.models import families, shared_images
 from r3v.records import OBJECTIVES, Example, TrainItem
 from r3v.train.data import PADDING_KEY, CompletionCollator, ItemDataset, StepSampler, tokenizer_of
 
@@ -53,8 +53,10 @@ STATE_FILE = "r3v_train_state.json"
 DONE_FILE = "r3v_train_done.json"
 CHECKPOINT_DIR = "checkpoints"
 
-#: Parameters of the vision encoder (not its projector/merger), frozen by ``freeze_vision_tower``.
-VISION_TOWER_PATTERN = re.compile(r"(^|\.)(visual|vision_tower|vision_model)\.(?!merger\.)")
+#: Parameters of the vision encoder, frozen by ``freeze_vision_tower``: the image path's parameters
+#: (``r3v.models.families.image_path_parameters``) under a vision module, except the Qwen mergers
+#: (``visual.merger``, Qwen3-VL's ``visual.deepstack_merger_list``), which are projectors.
+VISION_TOWER_PATTERN = re.compile(r"(^|\.)(visual|vision_tower|vision_model)\.(?!merger\.|deepstack_merger_list\.)")
 
 # Fields that may change between a run and its resumption: they do not change what the
 # checkpoints on disk mean (more epochs continue the same run).
@@ -144,14 +146,17 @@ def objective_token_losses(
 class ObjectiveTrainer(Trainer):
     """``Trainer`` with R3V's loss: per-objective token sums, weighted, over the step's target tokens.
 
-    ``num_items_in_batch`` is the number of target tokens in the whole optimizer step (all
-    micro-batches, all processes), so the gradient is that of the token mean over the global
-    batch; the loss is multiplied by the process count because DDP / ZeRO / FSDP average gradients.
+    With ``loss_mean="global"``, ``num_items_in_batch`` is the number of target tokens in the whole
+    optimizer step (all micro-batches, all processes), so the gradient is that of the token mean over
+    the global batch; the loss is multiplied by the process count because DDP / ZeRO / FSDP average
+    gradients. With ``loss_mean="micro_batch"`` (reference A) each micro-batch's loss is the mean over
+    its own target tokens, divided by the accumulation steps: the gradient is the mean of the
+    micro-batch means over steps and devices. The logged loss is the step's token mean either way.
     """
 
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args, loss_weights: dict[str, float], sampler: StepSampler,
+    def __init__(self, *args, loss_weights: dict[str, float], sampler: StepSampler, loss_mean: str = "global",
                  log_path: Path | None, history: list[dict[str, Any]], encoder_cache_mb: int = 0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         # Sharing calls the encoder outside the wrapped forward, which ZeRO-3 / FSDP sharding does not allow.
@@ -163,6 +168,7 @@ class ObjectiveTrainer(Trainer):
         if share and encoder_cache_mb > 0 and shared_images.encoder_is_frozen(self.model):
             self.encoder_cache = shared_images.EncoderCache(encoder_cache_mb << 20)
         self.loss_weights = torch.tensor([loss_weights[name] for name in OBJECTIVES], dtype=torch.float32)
+        self.loss_mean = loss_mean
         self.r3v_sampler = sampler
         self.log_path = log_path
         self.history = history
@@ -200,10 +206,15 @@ class ObjectiveTrainer(Trainer):
         )
         sums, counts = objective_token_losses(outputs.logits, labels, objective)
         weighted = (self.loss_weights.to(sums.device) * sums).sum()
-        items = num_items_in_batch if num_items_in_batch is not None else counts.sum()
-        loss = weighted / torch.clamp(torch.as_tensor(items, device=sums.device, dtype=torch.float32), min=1.0)
-        if model.training:
-            loss = loss * self.accelerator.num_processes
+        if self.loss_mean == "micro_batch":
+            loss = weighted / torch.clamp(counts.sum().float(), min=1.0)
+            if model.training:
+                loss = loss / self.current_gradient_accumulation_steps
+        else:
+            items = num_items_in_batch if num_items_in_batch is not None else counts.sum()
+            loss = weighted / torch.clamp(torch.as_tensor(items, device=sums.device, dtype=torch.float32), min=1.0)
+            if model.training:
+                loss = loss * self.accelerator.num_processes
             self._stop_if_nonfinite(loss.detach(), "loss", self.state.global_step + 1, sums.detach())
             stats = torch.cat([sums.detach(), counts.float(), tokens.float().view(1)])
             self._step_stats = stats if self._step_stats is None else self._step_stats + stats
@@ -417,6 +428,7 @@ def _fit(model: str, items: list[TrainItem], examples: dict[str, Example], confi
             processing_class=loaded.processor,
             callbacks=[first_step, *(callbacks or [])],
             loss_weights=config.loss_weights,
+            loss_mean=config.loss_mean,
             sampler=StepSampler(dataset.lengths, step_items, config.seed, config.group_by_length,
                                 pad_multiple=batch_size * args.world_size if args.world_size > 1 else 1),
             log_path=out / LOG_FILE if state.is_main_process else None,
@@ -558,6 +570,7 @@ def _training_args(config: TrainConfig, out: Path, bf16: bool, checkpointing: bo
         warmup_steps=config.warmup_ratio,
         adam_beta1=config.adam_beta1,
         adam_beta2=config.adam_beta2,
+        adam_epsilon=config.adam_epsilon,
         weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm,
         logging_steps=config.logging_steps,
@@ -598,10 +611,25 @@ def _checkpointing_kwargs(enabled: bool) -> dict[str, Any]:
     return {name: True, f"{name}_kwargs": {"use_reentrant": False}}
 
 
+#: ``TrainConfig.lora_target`` values that mean "the language model's linear layers, found from the
+#: model": None, "auto", and the name regex r3v used as the default before it read the model.
+AUTO_LORA_TARGETS = (None, "auto", r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
+
+
+def lora_target(model, config: TrainConfig) -> str:
+    """The modules LoRA goes on: ``config.lora_target`` when it names them, else every linear layer
+    of the model's language model (``r3v.models.families.lora_target_regex``: found from the module
+    tree, so Idefics3's ``text_model`` is found as Qwen2-VL's ``language_model`` is)."""
+    if config.lora_target not in AUTO_LORA_TARGETS:
+        return config.lora_target
+    return families.lora_target_regex(model)
+
+
 def prepare_model(model, config: TrainConfig, init_adapter: str | None = None):
-    """Wrap ``model`` for training: LoRA on ``lora_target`` (or an initial adapter), or full
-    fine-tuning with the vision encoder (``freeze_vision_tower``) and its projector
-    (``freeze_projector``) frozen as configured."""
+    """Wrap ``model`` for training: LoRA on ``lora_target`` (default: the language model's linear
+    layers), or an initial adapter; or full fine-tuning with the vision encoder
+    (``freeze_vision_tower``) and the rest of the image path (projector, merger, connector:
+    ``freeze_projector``) frozen as configured."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     if init_adapter and config.lora:
@@ -611,17 +639,16 @@ def prepare_model(model, config: TrainConfig, init_adapter: str | None = None):
     elif config.lora:
         lora = LoraConfig(
             r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-            target_modules=config.lora_target, bias="none",
+            target_modules=lora_target(model, config), bias="none",
         )
         model = get_peft_model(model, lora)
     if not config.lora and (config.freeze_vision_tower or config.freeze_projector):
-        for name, param in model.named_parameters():
+        for name, param in families.image_path_parameters(model):
             tower = VISION_TOWER_PATTERN.search(name)
-            projector = not tower and shared_images.ENCODER_PARAMETERS.search(name)
-            if (tower and config.freeze_vision_tower) or (projector and config.freeze_projector):
+            if (tower and config.freeze_vision_tower) or (not tower and config.freeze_projector):
                 param.requires_grad_(False)
     if not any(p.requires_grad for p in model.parameters()):
-        raise ValueError("no trainable parameters: check lora_target / freeze settings")
+        raise ValueError(f"no trainable parameters: check lora_target ({config.lora_target!r}) / freeze settings")
     return model
 
 
