@@ -4,6 +4,7 @@ token reports, and a scripted model whose picks are known."""
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 
 import pytest
@@ -106,3 +107,35 @@ def results_items(backend, task, examples, samples) -> list[dict]:
     backend = ScriptedSelectBackend(backend.rules)
     return evaluate_selection(backend, task, examples, samples, ks=(3,), selector_names=["majority", "self-select"],
                               max_new_tokens=16, with_items=True)["items"]
+
+
+def test_pool_diagnostics_count_checked_positives_negatives_and_one_sided_pools(clevr_task):
+    from r3v.builders import build_self_items
+    from r3v.config import BuildConfig
+    from r3v.diagnostics import pool_summary
+    from r3v.records import Sample
+
+    examples = clevr_task.load("train", limit=3)
+
+    def sample(ex, index, text):
+        answer = clevr_task.extract(text, ex)
+        return Sample(example_id=ex.id, sample_index=index, text=text, answer=answer,
+                      correct=clevr_task.is_correct(answer, ex), model="m", sampling={}, seed=0, iteration=1)
+
+    lucky = {}  # the right answer through a wrong count: right by luck
+    pool = []
+    for i, ex in enumerate(examples):
+        good = clevr_task.teacher_rationale(ex)
+        lucky[ex.id] = re.sub(r"There are (\d+)", lambda m: f"There are {int(m.group(1)) + 5}", good, count=1)
+        wrong = f"There are 0 objects.\nAnswer: {int(ex.answer) + 1}"
+        pattern = [[good, lucky[ex.id]], [good, wrong, wrong], [wrong]][i]  # all right / mixed / all wrong
+        pool += [sample(ex, k, text) for k, text in enumerate(pattern)]
+    assert [s.correct for s in pool] == [True, True, True, False, False, False]
+    assert not clevr_task.check_steps(lucky[examples[0].id], examples[0])
+
+    stats = build_self_items(clevr_task, examples, pool, BuildConfig(dedup=False), 2).stats
+    summary = pool_summary(stats)
+    assert (summary["all_right"], summary["mixed"], summary["all_wrong"]) == (1, 1, 1)
+    assert summary["positives"] == 3 and summary["positives_steps_ok"] == pytest.approx(2 / 3)
+    assert summary["negative_share_per_question"] == pytest.approx((0 + 2 / 3 + 1) / 3)
+    assert pool_summary({}) is None  # iteration 0: no pool yet
