@@ -11,8 +11,10 @@ benchmarks/results/dev_runs.json plus a table in benchmarks/README.md (between t
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -21,9 +23,46 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.machine import describe_machine  # noqa: E402
 from benchmarks.report import update_readme_section  # noqa: E402
-from benchmarks.self_improvement import faithfulness  # noqa: E402
 
 MARK_BEGIN, MARK_END = "<!-- dev-runs:begin -->", "<!-- dev-runs:end -->"
+
+
+COUNT_STEP = re.compile(r"There are (\d+) (\w+)")
+
+
+@functools.cache
+def gold_count_steps(split: str, task_args_json: str) -> dict[str, list[tuple[str, str]]]:
+    """The teacher's counting steps per question of a split; built once per dataset, since every
+    arm, seed and iteration reads the same ones."""
+    from r3v.tasks.clevr_synth import ClevrSynth
+
+    task = ClevrSynth(**json.loads(task_args_json))
+    return {ex.id: COUNT_STEP.findall(ex.metadata["rationale"]) for ex in task.load(split)}
+
+
+def faithfulness(iteration_dir: Path, task_args: dict | None = None) -> dict:
+    """How often a rationale's counting steps ("There are N objects", ...) are all right, and how often
+    its equation holds: over the iteration's greedy test answers, and over its positives (the train
+    samples, drawn by the previous iteration's model, whose final answer is right). The final-answer
+    check cannot see these steps."""
+    from r3v.builders import equations_hold, written_equations
+
+    def shares(path: Path, split: str, only_correct: bool) -> tuple[float | None, float | None]:
+        if not path.exists():
+            return None, None
+        steps = gold_count_steps(split, json.dumps(task_args or {}, sort_keys=True))
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = [r for r in rows if r["correct"] or not only_correct]
+        if not rows:
+            return None, None
+        counted = sum(COUNT_STEP.findall(r["text"])[: len(steps[r["example_id"]])] == steps[r["example_id"]] for r in rows)
+        computed = sum(bool(written_equations(r["text"])) and equations_hold(r["text"]) for r in rows)
+        return round(counted / len(rows), 4), round(computed / len(rows), 4)
+
+    test_counts, test_equations = shares(iteration_dir / "eval" / "greedy.jsonl", "test", only_correct=False)
+    positive_counts, positive_equations = shares(iteration_dir / "samples.jsonl", "train", only_correct=True)
+    return {"test_rationales_faithful": test_counts, "positives_faithful": positive_counts,
+            "test_equations_right": test_equations, "positives_equations_right": positive_equations}
 
 
 def weights_sha256(model: str) -> str | None:

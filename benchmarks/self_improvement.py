@@ -3,9 +3,10 @@
 Runs ``r3v train --iterations N`` with the README's defaults for each arm (r3v, star, --no-refine,
 --no-select) and each seed, then ``r3v bench`` on every arm's final model with the ladder
 N = 1, 3, 5, 7 for first, majority, self-select and oracle, with the tokens each spends. Everything
-goes through the same CLI a user runs. Seed 0's r3v arm is the demo itself (``r3v train
---iterations 3``): it runs first, alone, with the default threads, and its wall time from process
-start to exit is recorded as the demo's time. The other runs share the CPU (``--jobs``).
+goes through the same CLI a user runs. With ``--time-demo`` the demo itself (``r3v train
+--iterations 3``, every default) runs first, alone, with torch's default threads, and its wall
+time from process start to exit is recorded as the demo's time. The arms then share the CPU
+(``--jobs``, ``--threads``).
 
 Reported, from the runs' own files: Test@1 per arm and iteration as a mean over seeds with a 95%
 interval (t over seeds); R3V against STaR and each ablation on the same test questions (the
@@ -15,11 +16,11 @@ the task's own checker (``task.check_steps``), for the greedy test answers and f
 trained on, per iteration; the selection ladder with tokens per question and majority vote at the
 same budget; and the issue's targets, each met or missed.
 
-    python benchmarks/self_improvement.py --seeds 0,1,2,3,4 --jobs 2   # as recorded
+    python benchmarks/self_improvement.py --seeds 0,1,2,3,4 --jobs 2 --time-demo   # as recorded
     python benchmarks/self_improvement.py                              # seed 0 only
 
 A rerun reuses finished arms in --run-root (each arm's loop resumes), so only new work runs; the
-demo's time is then kept from the results file it replaces.
+demo's time is kept in --run-root/demo/demo_time.json from the run that measured it.
 """
 
 from __future__ import annotations
@@ -139,6 +140,26 @@ def task_examples(split: str) -> tuple:
         task = tasks.get(TASK)()
         _TASK_CACHE[split] = (task, {ex.id: ex for ex in task.load(split)})
     return _TASK_CACHE[split]
+
+
+def time_demo(run_root: Path) -> dict:
+    """The main job alone: ``r3v train --iterations 3`` from scratch with every default, nothing
+    else of this script running, timed from process start to exit (start-up included)."""
+    run_dir = run_root / "demo"
+    if run_dir.exists():
+        import shutil
+
+        shutil.rmtree(run_dir)
+    before = load_average()
+    started = time.perf_counter()
+    r3v("train", "--iterations", "3", "--out", str(run_dir / "run"))
+    record = {"command": "r3v train --iterations 3", "seconds": round(time.perf_counter() - started, 1),
+              "load_average_before": before, "threads": os.environ.get("OMP_NUM_THREADS", "torch default"),
+              "test_accuracy": [json.loads(line)["test_accuracy"]
+                                for line in (run_dir / "run" / "metrics.jsonl").read_text().splitlines()]}
+    (run_dir / "demo_time.json").write_text(json.dumps(record))
+    print(f"demo alone: {record['seconds']} s", flush=True)
+    return record
 
 
 def step_checks(iteration_dir: Path) -> dict:
@@ -261,11 +282,11 @@ def _cell(ci: dict) -> str:
     return f"{ci['mean']:.3f} [{ci['low']:.3f}, {ci['high']:.3f}]"
 
 
-def markdown(summary: dict, machine: dict, seeds: list[int], seconds: dict, jobs: int, demo: dict | None) -> str:
+def markdown(summary: dict, machine: dict, seeds: list[int], seconds: dict, command: str, demo: dict | None) -> str:
     table = summary["test_accuracy_with_interval"]
     iterations = len(next(iter(table.values())))
     lines = [MARK_BEGIN, "## Self-improvement on the built-in task", "",
-             f"`python benchmarks/self_improvement.py --seeds {','.join(map(str, seeds))} --jobs {jobs}` (written "
+             f"`{command}` (written "
              f"{machine['date']} on {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}). "
              f"Each arm is `r3v train --iterations 3` with the README defaults; numbers are Test@1 (greedy) on "
              f"{TASK}'s test questions, mean over {len(seeds)} seed(s) with a 95% interval (t over seeds).", ""]
@@ -327,6 +348,10 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1,
                         help="Arms run in parallel after the demo, one torch thread each (their wall times then "
                              "include sharing the CPU).")
+    parser.add_argument("--time-demo", action="store_true",
+                        help="First run the demo alone (an extra run, timed; keep the machine otherwise idle).")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="Torch threads of each run after the demo (default: 1 with --jobs > 1, else torch's own).")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     arms = args.arms.split(",")
@@ -334,21 +359,15 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown arm(s) {unknown}; known: {sorted(ARMS)}")
     out = Path(args.out)
-    previous = json.loads(out.read_text()) if out.exists() else {}
+    previous = json.loads(out.read_text()) if out.exists() else {}  # its demo time, for runs made before demo_time.json
     load_at_start = load_average()
     results: dict = {str(seed): {} for seed in seeds}
-    demo = None
-    if 0 in seeds and "r3v" in arms:
-        # The demo alone: nothing else runs until it is done.
-        before = load_average()
-        results["0"]["r3v"] = run_arm("r3v", 0, args.iterations, Path(args.run_root))
-        run = results["0"]["r3v"]
-        demo = (previous.get("demo") if run["resumed_finished_run"] else
-                {"command": "r3v train --iterations 3", "seconds": run["this_call_seconds"],
-                 "load_average_before": before, "threads": "default"})
-        print(f"demo alone: {run['this_call_seconds']} s", flush=True)
+    demo = time_demo(Path(args.run_root)) if args.time_demo else None
+    if demo is None:
+        record = Path(args.run_root) / "demo" / "demo_time.json"
+        demo = json.loads(record.read_text()) if record.exists() else previous.get("demo")
     jobs = [(seed, arm) for seed in seeds for arm in arms if arm not in results[str(seed)]]
-    threads = 1 if args.jobs > 1 else None
+    threads = args.threads or (1 if args.jobs > 1 else None)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = {job: pool.submit(run_arm, job[1], job[0], args.iterations, Path(args.run_root), threads)
                    for job in jobs}
@@ -360,11 +379,12 @@ def main() -> None:
     machine = describe_machine(load_at_start)
     seconds = {arm: statistics.fmean(results[str(s)][arm]["seconds"] for s in seeds) for arm in arms}
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "self_improvement", "task": TASK, "machine": machine, "seeds": seeds,
-                               "iterations": args.iterations, "jobs": args.jobs, "demo": demo, "summary": summary,
+    command = " ".join(["python benchmarks/self_improvement.py", *sys.argv[1:]])
+    out.write_text(json.dumps({"benchmark": "self_improvement", "task": TASK, "command": command, "machine": machine, "seeds": seeds,
+                               "iterations": args.iterations, "jobs": args.jobs, "threads": threads, "demo": demo, "summary": summary,
                                "runs": results}, indent=2) + "\n")
     plot(summary, out.with_suffix(".png"))
-    update_readme_section(markdown(summary, machine, seeds, seconds, args.jobs, demo), MARK_BEGIN, MARK_END)
+    update_readme_section(markdown(summary, machine, seeds, seconds, command, demo), MARK_BEGIN, MARK_END)
     print(json.dumps(summary["targets"], indent=2))
 
 

@@ -223,6 +223,26 @@ def test_resume_after_a_kill_gives_the_uninterrupted_weights(lora_run, tiny_qwen
         train(tiny_qwen, items[:4], examples, lora_config(), out)
 
 
+def test_full_fine_tuning_resumes_from_its_checkpoint_weights(tiny_qwen, data, tmp_path):
+    """Full fine-tuning saves under the hub's key names (Qwen2-VL's differ from the model's own):
+    the resumed run must start from the checkpoint's weights, not from the base."""
+    items, examples = data
+    config = lora_config(lora=False)
+    straight = train(tiny_qwen, items, examples, config, tmp_path / "straight")
+    killed = tmp_path / "killed"
+    with pytest.raises(Interrupt):
+        train(tiny_qwen, items, examples, config, killed, callbacks=[KillAfterSave()])
+    resumed = train(tiny_qwen, items, examples, config, killed)
+    assert resumed.resumed_from.endswith("checkpoint-1") and resumed.steps == straight.steps == 2
+    expected = load_file(Path(straight.output_path) / "model.safetensors")
+    got = load_file(Path(resumed.output_path) / "model.safetensors")
+    assert expected.keys() == got.keys()
+    base = load_file(Path(tiny_qwen) / "model.safetensors")
+    assert any(not torch.equal(expected[k], base[k]) for k in expected if k in base)  # training moved the weights
+    assert all(torch.allclose(expected[k], got[k], atol=1e-6) for k in expected)
+    assert resumed.losses == pytest.approx(straight.losses, rel=1e-6)
+
+
 class PoisonWeight(TrainerCallback):
     """Writes a NaN into one trainable weight at the end of optimizer step ``step``."""
 

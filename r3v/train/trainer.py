@@ -178,6 +178,25 @@ class ObjectiveTrainer(Trainer):
         self.add_callback(_StepHooks(self))
         self.remove_callback(PrinterCallback)  # log lines go to the r3v.train logger instead of stdout
 
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+        """Resume full fine-tuning with the checkpoint's weights, read through ``from_pretrained``.
+
+        ``Trainer`` loads a checkpoint's state dict under the names it was saved with, but
+        ``save_pretrained`` writes some families (Qwen2-VL among them) under their hub names, so
+        no key matched and a resumed run went on from the base weights with the restored
+        optimizer (measured: a killed and resumed run ended away from the uninterrupted one).
+        Adapters, DeepSpeed and FSDP checkpoints keep the Trainer's own loading."""
+        target = self.accelerator.unwrap_model(model if model is not None else self.model)
+        folder = Path(resume_from_checkpoint)
+        saved_whole = any((folder / name).exists() for name in ("model.safetensors", "model.safetensors.index.json"))
+        if hasattr(target, "peft_config") or self.is_deepspeed_enabled or self.is_fsdp_enabled or not saved_whole:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        dtype = next(target.parameters()).dtype
+        saved = type(target).from_pretrained(folder, dtype=dtype)
+        target.load_state_dict(saved.state_dict(), strict=True)
+        del saved
+        return None
+
     def _get_train_sampler(self, train_dataset=None):
         return self.r3v_sampler
 
