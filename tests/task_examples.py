@@ -78,6 +78,7 @@ SNAPSHOT_PICKS = {
     "chartqa": ("chartqa", "test", "chartqa", "human-1"),
     "clevr-math": ("clevr-math", "test", "clevr_math/r3v", "1"),  # R3V's layout, not CLEVR-Math's
     "clevr-synth": ("clevr-synth", "test", None, "test-0"),
+    "grid-count": ("grid-count", "test", None, "test-0"),
     "geoqa": ("geoqa", "test", "geoqa", "test-0"),
     "m3cot": ("m3cot", "test", "m3cot", "physics-101"),
     "miniwob": ("miniwob", "train", "miniwob", "enter-text-0-1"),  # has a previous action

@@ -29,7 +29,7 @@ from r3v.cli.common import (
     with_reference_args,
 )
 from r3v.cli.generate import sampling_options
-from r3v.config import UNPARSEABLE_RULES, SelectConfig
+from r3v.config import UNPARSEABLE_RULES, SelectConfig, TaskConfig
 from r3v.online import OnlineConfig
 from r3v.reference import REFERENCE_SELECT
 from r3v.selectors.base import BASELINES, FIRST, MAJORITY, METRIC_PREFIX, ORACLE
@@ -41,7 +41,7 @@ ONLINE_DEFAULTS = OnlineConfig()
 
 @click.command()
 @model_options
-@click.option("--task", "task_name", default="clevr-synth", show_default=True)
+@click.option("--task", "task_name", default=TaskConfig.name, show_default=True)
 @click.option("--selector", "selector_names", multiple=True,
               default=tuple(s for s in DEFAULTS.selectors if s not in BASELINES), show_default=True,
               help="Selector to compare (repeatable; see r3v list). first, majority and oracle always run.")

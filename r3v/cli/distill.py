@@ -22,6 +22,7 @@ from r3v.cli.common import (
     report_bad_records,
     split_task_args,
 )
+from r3v.config import TaskConfig
 from r3v.distill import DistillConfig
 from r3v.tasks.base import given_options
 
@@ -43,7 +44,7 @@ HTTP_OPTIONS = (
     "--teacher", required=True, help="Teacher: API model name (openai), or hub id / folder (hf, vllm)."
 )
 @click.option("--backend", "backend_name", default=DEFAULTS["backend"], show_default=True, help="openai, hf or vllm.")
-@click.option("--task", "task_name", default="clevr-synth", show_default=True)
+@click.option("--task", "task_name", default=TaskConfig.name, show_default=True)
 @click.option("--split", default=DEFAULTS["split"], show_default=True)
 @data_options
 @click.option("--limit", type=int, default=DEFAULTS["limit"], show_default=True, help="Ask the first K questions.")

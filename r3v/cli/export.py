@@ -6,6 +6,7 @@ import click
 from rich.console import Console
 
 from r3v.cli.common import data_options, friendly_errors, quiet_libraries
+from r3v.config import TaskConfig
 
 
 @click.command()
@@ -18,7 +19,7 @@ from r3v.cli.common import data_options, friendly_errors, quiet_libraries
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the hub (off by default).")
 @click.option("--lmms-tasks", "lmms_dir", default=None, type=click.Path(file_okay=False),
               help="Write an lmms-eval task folder (yaml + hooks + data) for --task into this folder.")
-@click.option("--task", "task_names", multiple=True, default=("clevr-synth",), show_default=True,
+@click.option("--task", "task_names", multiple=True, default=(TaskConfig.name,), show_default=True,
               help="r3v task to export with --lmms-tasks (repeatable).")
 @click.option("--split", default="test", show_default=True)
 @click.option("--limit", type=int, default=None, help="Export only the first K questions.")

@@ -8,6 +8,7 @@ from rich.console import Console
 
 from r3v.bench import BenchConfig
 from r3v.cli import common
+from r3v.config import TaskConfig
 from r3v.records import Sampling
 
 
@@ -41,7 +42,7 @@ DEFAULTS = BenchConfig()
 
 @click.command()
 @common.model_options
-@click.option("--task", "task_name", default="clevr-synth", show_default=True)
+@click.option("--task", "task_name", default=TaskConfig.name, show_default=True)
 @click.option("--split", default="test", show_default=True)
 @common.data_options
 @click.option("--limit", type=int, default=None, help="Use only the first K questions.")

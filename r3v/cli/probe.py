@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from r3v.cli import common
+from r3v.config import TaskConfig
 from r3v.probe import BLANK_FILLS, COUNTERFACTUAL, IMAGE_SWAP, ORIGINAL, PROBES, PROMPTS, ProbeConfig
 
 DEFAULTS = ProbeConfig()
@@ -18,7 +19,7 @@ DEFAULTS = ProbeConfig()
 
 @click.command()
 @common.model_options
-@click.option("--task", "task_name", default="clevr-synth", show_default=True)
+@click.option("--task", "task_name", default=TaskConfig.name, show_default=True)
 @click.option("--probe", "probe_names", multiple=True, type=click.Choice(PROBES), default=DEFAULTS.probes,
               show_default=True, help="Probe to run (repeatable). A task without a counterfactual hook skips that one.")
 @click.option("--limit", type=int, default=None, help="Use only the first K questions.")

@@ -26,6 +26,7 @@ import dataclasses
 import io
 import json
 import random
+import re
 import types
 import typing
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -38,7 +39,7 @@ from PIL import Image
 from r3v.errors import DataError
 from r3v.records import Example
 from r3v.reference import REFERENCE_A, Release
-from r3v.seeds import seeded_rng
+from r3v.seeds import seeded_rng, stride_seed
 
 OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
@@ -173,6 +174,26 @@ class TaskOptions:
 @dataclass(frozen=True)
 class NoOptions(TaskOptions):
     """The options of a task that takes no options of its own."""
+
+
+@dataclass(frozen=True)
+class SeededOptions(TaskOptions):
+    """The options of a built-in task drawn from a seed (``SeededTask``)."""
+
+    #: Seeds every scene and question: each seed is its own dataset (seeds other than the
+    #: benchmark's 0 serve as dev datasets).
+    seed: int = 0
+    #: Split sizes to override, e.g. {"pretrain": 100}.
+    sizes: dict[str, int] | None = None
+    #: The train split's size.
+    train_size: int | None = None
+    #: The test split's size (e.g. test_size=1000 on a dev dataset for a smaller standard error).
+    test_size: int | None = None
+
+    def __post_init__(self) -> None:
+        for split, size in (("train", self.train_size), ("test", self.test_size)):
+            if size is not None and size < 1:
+                raise ValueError(f"{split}_size must be >= 1, got {size}")
 
 
 @dataclass(frozen=True)
@@ -414,6 +435,73 @@ class TaskBase:
     def local_image(self, root: Path, relative: str, where: Where, kind: str = "image file") -> Path:
         """``local_image`` with this task's ``allow_outside_paths`` and ``check_images``."""
         return local_image(root, relative, self.options.allow_outside_paths, self.options.check_images, where, kind)
+
+
+_BARE_INT = re.compile(r"-?\d+")
+_ANSWER_INT = re.compile(r"Answer:\s*(-?\d+)")
+
+
+class SeededTask(TaskBase):
+    """A built-in task drawn from a seed, with no download: example ``split-i`` is
+    ``example(split, i)``, made from a random source seeded by (seed, split, i), so every machine
+    has the same data. Answers are integers, extracted from ``Answer: n`` (or a bare number) and
+    scored by exact match, as CLEVR-Math does. A task sets its split sizes, its offsets (far apart,
+    so no two splits share a scene) and its seed stride, and writes ``example``."""
+
+    Options: ClassVar[type] = SeededOptions
+    split_sizes: ClassVar[dict[str, int]] = {}
+    split_offset: ClassVar[dict[str, int]] = {}
+    seed_stride: ClassVar[int] = 1
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.seed: int = self.options.seed
+        #: Questions per split.
+        self.sizes = dict(self.split_sizes, **(self.options.sizes or {}))
+        for split, size in (("train", self.options.train_size), ("test", self.options.test_size)):
+            if size is not None:
+                self.sizes[split] = size
+
+    def example(self, split: str, index: int) -> Example:
+        raise NotImplementedError
+
+    def load(self, split: str, data_dir: str | Path | None = None, limit: int | None = None) -> list[Example]:
+        self.start_load(split)
+        count = self.sizes[split] if limit is None else min(limit, self.sizes[split])
+        return [self.example(split, i) for i in range(count)]
+
+    def rng(self, split: str, index: int) -> random.Random:
+        """The random source of ``example(split, index)``."""
+        return random.Random(stride_seed(self.seed, self.split_offset[split] + index, stride=self.seed_stride))
+
+    def located(self, example: Example) -> tuple[str, int] | None:
+        """The (split, index) an example's id names, when that is one of this task's questions
+        (its question and answer must match, so a question of another seed or task is not taken
+        for one of these); None otherwise."""
+        split, _, index = example.id.rpartition("-")
+        if split not in self.split_offset or not index.isdigit() or int(index) >= self.sizes[split]:
+            return None
+        mine = self.example(split, int(index))
+        if mine.question != example.question or mine.answer != str(example.answer):
+            return None
+        return split, int(index)
+
+    def teacher_rationale(self, example: Example) -> str:
+        """The programmatic teacher's chain of thought, ending in the answer line."""
+        return f"{example.metadata['rationale']}\n{self.answer_line(example.answer, example)}"
+
+    def extract(self, text: str, example: Example) -> str | None:
+        stripped = text.strip()
+        if _BARE_INT.fullmatch(stripped):
+            return str(int(stripped))
+        match = _ANSWER_INT.search(text)
+        return str(int(match.group(1))) if match else None
+
+    def normalize(self, answer: str, example: Example) -> str:
+        return answer.strip()
+
+    def is_correct(self, answer: str | None, example: Example) -> bool:
+        return answer is not None and answer == str(example.answer)
 
 
 def check_split(task: str, splits: Sequence[str], split: str) -> None:

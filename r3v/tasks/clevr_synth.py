@@ -15,15 +15,13 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 from PIL import Image, ImageDraw
 
 from r3v.records import Example
 from r3v.registry import tasks
-from r3v.seeds import seeded_rng, stride_seed
-from r3v.tasks.base import InstructionPrompts, TaskBase, TaskOptions
+from r3v.seeds import seeded_rng
+from r3v.tasks.base import InstructionPrompts, SeededTask
 
 COLORS = {"red": (220, 40, 40), "blue": (40, 80, 220), "green": (40, 170, 60), "yellow": (230, 200, 30)}
 SHAPES = ("square", "circle")
@@ -35,8 +33,6 @@ MIN_OBJECTS, MAX_OBJECTS = 2, 8
 SPLIT_SIZES = {"train": 1500, "test": 200, "pretrain": 4000}
 SPLIT_OFFSET = {"train": 0, "test": 1_000_003, "pretrain": 2_000_003}
 
-_BARE_INT = re.compile(r"-?\d+")
-_ANSWER_INT = re.compile(r"Answer:\s*(-?\d+)")
 #: "There are 5 objects", "There are 2 red objects", "There are 3 squares" (the teacher's steps).
 _COUNT_CLAIM = re.compile(r"There are (\d+) (?:(red|blue|green|yellow) )?(objects|squares|circles)\b")
 _EQUATION = re.compile(r"(-?\d+) ([+-]) (-?\d+) = (-?\d+)")
@@ -149,58 +145,26 @@ def single_edits(scene: Scene) -> tuple[list[Scene], list[Scene]]:
     return removed, added
 
 
-@dataclass(frozen=True)
-class ClevrSynthOptions(TaskOptions):
-    #: Seeds every scene and question: each seed is its own dataset.
-    seed: int = 0
-    #: Split sizes to override, e.g. {"pretrain": 100}.
-    sizes: dict[str, int] | None = None
-    #: The train split's size (e.g. test_size=1000 on a dev dataset for a smaller standard error).
-    train_size: int | None = None
-    #: The test split's size.
-    test_size: int | None = None
-
-    def __post_init__(self) -> None:
-        for split, size in (("train", self.train_size), ("test", self.test_size)):
-            if size is not None and size < 1:
-                raise ValueError(f"{split}_size must be >= 1, got {size}")
-
-
 @tasks.register("clevr-synth")
-class ClevrSynth(InstructionPrompts, TaskBase):
+class ClevrSynth(InstructionPrompts, SeededTask):
     name = "clevr-synth"
     splits = ("train", "test", "pretrain")
     sources = "built in: rendered with pillow from a seed (no download)"
     breakdown_keys = ("template",)
     metadata_keys = ("rationale", "template")
-    Options = ClevrSynthOptions
+    split_sizes = SPLIT_SIZES
+    split_offset = SPLIT_OFFSET
+    seed_stride = 7_919
     cot_instruction = "First generate a step-by-step solution, then answer the question using a single numerical value."
     qa_instruction = "Answer the question using a single numerical value."
     select_text = "Which prediction is correct? Give the final answer as a single numerical value."
 
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
-        self.seed: int = self.options.seed
-        #: Questions per split.
-        self.sizes = dict(SPLIT_SIZES, **(self.options.sizes or {}))
-        for split, size in (("train", self.options.train_size), ("test", self.options.test_size)):
-            if size is not None:
-                self.sizes[split] = size
-
-    def load(self, split: str, data_dir: str | Path | None = None, limit: int | None = None) -> list[Example]:
-        self.start_load(split)
-        count = self.sizes[split] if limit is None else min(limit, self.sizes[split])
-        return [self.example(split, i) for i in range(count)]
-
     def scene(self, split: str, index: int) -> Scene:
         """The scene behind ``example(split, index)``: what is in each cell."""
-        return make_scene(self._rng(split, index))
-
-    def _rng(self, split: str, index: int) -> random.Random:
-        return random.Random(stride_seed(self.seed, SPLIT_OFFSET[split] + index, stride=7_919))
+        return make_scene(self.rng(split, index))
 
     def example(self, split: str, index: int) -> Example:
-        rng = self._rng(split, index)
+        rng = self.rng(split, index)
         scene = make_scene(rng)
         question, answer, steps = make_question(scene, rng)
         return Example(
@@ -212,23 +176,10 @@ class ClevrSynth(InstructionPrompts, TaskBase):
             metadata={"rationale": steps, "template": question.split()[0].lower()},
         )
 
-    def teacher_rationale(self, example: Example) -> str:
-        """The programmatic teacher's chain of thought, ending in the answer line."""
-        return f"{example.metadata['rationale']}\n{self.answer_line(example.answer, example)}"
-
     def scene_of(self, example: Example) -> tuple[Scene, Query] | None:
-        """The scene and query behind an example this task generated (its id names the split and
-        index; its question and answer must match, so a question of another seed is not taken for
-        one of this seed); None for any other example."""
-        split, _, index = example.id.rpartition("-")
-        if split not in SPLIT_OFFSET or not index.isdigit() or int(index) >= self.sizes[split]:
-            return None
-        rng = self._rng(split, int(index))
-        scene = make_scene(rng)
-        question, answer, _ = make_question(scene, rng)
-        if question != example.question or str(answer) != str(example.answer):
-            return None
-        return scene, Query.parse(question)
+        """The scene and query behind an example this task generated; None for any other example."""
+        found = self.located(example)
+        return None if found is None else (self.scene(*found), Query.parse(example.question))
 
     def gold_for_image(self, example: Example, other: Example) -> str | None:
         """The answer to ``example``'s question about ``other``'s scene, worked out from that scene."""
@@ -288,19 +239,6 @@ class ClevrSynth(InstructionPrompts, TaskBase):
             if int(number) != scene.count(color=color or None, shape=shape.rstrip("s") if shape != "objects" else None):
                 return False
         return all((int(a) + int(b) if op == "+" else int(a) - int(b)) == int(c) for a, op, b, c in equations)
-
-    def extract(self, text: str, example: Example) -> str | None:
-        stripped = text.strip()
-        if _BARE_INT.fullmatch(stripped):
-            return str(int(stripped))
-        match = _ANSWER_INT.search(text)
-        return str(int(match.group(1))) if match else None
-
-    def normalize(self, answer: str, example: Example) -> str:
-        return answer.strip()
-
-    def is_correct(self, answer: str | None, example: Example) -> bool:
-        return answer is not None and answer == str(example.answer)
 
 
 def corpus_lines() -> list[str]:

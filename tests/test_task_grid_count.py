@@ -1,0 +1,169 @@
+"""grid-count: gold answers and step checks against what the rendered image shows.
+
+The oracle here reads each cell from the pixels (its centre colour; a square's corner is filled,
+a circle's is not) and parses the question with its own pattern, so neither ``Query`` nor
+``row_text`` is involved in what the task is checked against.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from r3v.tasks.clevr_synth import CELL, COLORS, GRID
+from r3v.tasks.grid_count import GridCount
+
+QUESTION = re.compile(r"How many (?:(\w+) )?(objects|squares|circles) are there\?")
+
+
+def read_cells(image) -> list[str]:
+    """Each cell of a rendered grid, row by row, as "empty" or "<colour> <shape>", from its pixels."""
+    pixels = np.asarray(image)
+    by_rgb = {rgb: name for name, rgb in COLORS.items()}
+    cells = []
+    for row in range(GRID):
+        for col in range(GRID):
+            y, x = row * CELL, col * CELL
+            centre = tuple(int(v) for v in pixels[y + CELL // 2, x + CELL // 2])
+            if centre not in by_rgb:
+                cells.append("empty")
+                continue
+            corner = tuple(int(v) for v in pixels[y + 5, x + 5])  # inside a square's box, outside a circle
+            cells.append(f"{by_rgb[centre]} {'square' if corner == centre else 'circle'}")
+    return cells
+
+
+def matches(cell: str, color: str | None, noun: str) -> bool:
+    if cell == "empty":
+        return False
+    cell_color, shape = cell.split()
+    return (color is None or cell_color == color) and (noun == "objects" or f"{shape}s" == noun)
+
+
+def oracle_rationale(question: str, image) -> tuple[str, int]:
+    """The row-by-row rationale and the answer, from the pixels and the question's wording."""
+    color, noun = QUESTION.fullmatch(question).groups()
+    cells, total, steps = read_cells(image), 0, []
+    for row in range(GRID):
+        held = cells[row * GRID:(row + 1) * GRID]
+        count = sum(matches(cell, color, noun) for cell in held)
+        total += count
+        steps.append(f"Row {row + 1}: {', '.join(held)}; {count}, total {total}.")
+    return " ".join(steps), total
+
+
+def test_gold_answers_and_teacher_steps_are_what_the_image_shows():
+    task = GridCount()
+    templates = Counter()
+    for split in ("train", "test"):
+        for example in task.load(split, limit=150):
+            steps, answer = oracle_rationale(example.question, example.images[0])
+            assert example.answer == str(answer), example.id
+            assert task.teacher_rationale(example) == f"{steps}\nAnswer: {answer}", example.id
+            templates[example.metadata["template"]] += 1
+    assert set(templates) == {"colour", "shape", "colour-shape"} and min(templates.values()) > 40
+    # the answers spread out, so a constant guess is far from the gold
+    assert Counter(ex.answer for ex in task.load("test")).most_common(1)[0][1] < 0.35 * task.sizes["test"]
+
+
+def test_data_is_identical_across_instances_differs_by_seed_and_splits_are_disjoint():
+    first, again, other = GridCount(), GridCount(), GridCount(seed=1)
+    for index in range(10):
+        a, b = first.example("test", index), again.example("test", index)
+        assert (a.question, a.answer, a.metadata) == (b.question, b.answer, b.metadata)
+        assert np.array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))
+    assert any(first.example("test", i).images[0].tobytes() != other.example("test", i).images[0].tobytes()
+               for i in range(10))
+    seen = {split: {np.asarray(ex.images[0]).tobytes() for ex in first.load(split, limit=300)}
+            for split in ("train", "test", "pretrain")}
+    assert not seen["train"] & seen["test"] and not seen["pretrain"] & seen["test"]
+
+
+def _replace_step(text: str, row: int, new_step: str) -> str:
+    steps = re.findall(r"Row \d+: [^;]+; \d+, total \d+\.", text)
+    return text.replace(steps[row], new_step)
+
+
+@pytest.mark.parametrize("index", range(12))
+def test_step_checker_accepts_right_steps_and_rejects_each_kind_of_wrong_step(index):
+    task = GridCount()
+    example = task.example("test", index)
+    teacher = task.teacher_rationale(example)
+    assert task.check_steps(teacher, example)
+    assert task.check_steps(teacher.rsplit("\n", 1)[0], example)  # steps alone, no answer line
+    cells = read_cells(example.images[0])
+    color, noun = QUESTION.fullmatch(example.question).groups()
+    first_row = cells[:GRID]
+    count = sum(matches(cell, color, noun) for cell in first_row)
+    # a misread cell: an empty cell read as an object, or an object read as empty
+    misread = list(first_row)
+    misread[0] = "empty" if misread[0] != "empty" else "blue circle"
+    assert not task.check_steps(_replace_step(teacher, 0, f"Row 1: {', '.join(misread)}; {count}, total {count}."), example)
+    # the row read right but counted wrong, the running total carried on consistently from there
+    wrong = _replace_step(teacher, 0, f"Row 1: {', '.join(first_row)}; {count + 1}, total {count + 1}.")
+    assert not task.check_steps(wrong, example)
+    # a row count that disagrees with its row, though the running total is right
+    assert not task.check_steps(_replace_step(teacher, 0, f"Row 1: {', '.join(first_row)}; {count + 1}, total {count}."), example)
+    # the right contents under a wrong row number
+    assert not task.check_steps(teacher.replace("Row 2:", "Row 1:", 1), example)
+    # a wrong sum: the last total off by one
+    last = re.findall(r"Row 4: [^;]+; (\d+), total (\d+)\.", teacher)[0]
+    off = _replace_step(teacher, 3, f"Row 4: {', '.join(cells[12:])}; {last[0]}, total {int(last[1]) + 1}.")
+    assert not task.check_steps(off, example)
+    # an answer line that disagrees with the steps, a skipped row, rows out of order, no steps
+    assert not task.check_steps(f"{teacher.rsplit(chr(10), 1)[0]}\nAnswer: {int(example.answer) + 1}", example)
+    steps = re.findall(r"Row \d+: [^;]+; \d+, total \d+\.", teacher)
+    assert not task.check_steps(" ".join(steps[:2] + steps[3:]), example)
+    assert not task.check_steps(" ".join([steps[1], steps[0], *steps[2:]]), example)
+    assert not task.check_steps(f"Answer: {example.answer}", example)
+
+
+def test_a_right_answer_with_a_wrong_step_is_not_accepted():
+    """The point of checking steps: a rationale can reach the gold answer through two errors that
+    cancel, and the final-answer metric counts it right."""
+    task = GridCount()
+    for index in range(200):
+        example = task.example("test", index)
+        counts = [int(c) for c in re.findall(r"; (\d+), total", example.metadata["rationale"])]
+        if counts[0] >= 1:
+            break
+    steps = re.findall(r"Row (\d+): ([^;]+); (\d+), total (\d+)\.", example.metadata["rationale"])
+    shifted, total = [], 0
+    for position, (row, held, count, _) in enumerate(steps):
+        # one too few in row 1, one too many in row 2: the same total at the end
+        count = int(count) - (position == 0) + (position == 1)
+        total += count
+        shifted.append(f"Row {row}: {held}; {count}, total {total}.")
+    text = " ".join(shifted) + f"\nAnswer: {total}"
+    assert task.is_correct(task.extract(text, example), example)
+    assert not task.check_steps(text, example)
+
+
+def test_steps_about_another_seed_or_task_are_not_accepted():
+    task, other_seed = GridCount(), GridCount(seed=1)
+    example = other_seed.example("test", 0)
+    mine = task.example("test", 0)
+    if example.question != mine.question or example.answer != mine.answer:
+        assert not task.check_steps(other_seed.teacher_rationale(example), example)
+    stranger = mine.__class__(id="q-1", task="other", question=mine.question, answer=mine.answer, images=mine.images)
+    assert not task.check_steps(task.teacher_rationale(mine), stranger)
+
+
+def test_probes_get_their_gold_from_the_edited_or_swapped_image():
+    task = GridCount()
+    edited_any = 0
+    for index in range(30):
+        example, other = task.example("test", index), task.example("test", index + 1)
+        assert task.gold_for_image(example, other) == str(oracle_rationale(example.question, other.images[0])[1])
+        edit = task.counterfactual(example)
+        if edit is None:
+            continue
+        edited_any += 1
+        assert edit.answer != example.answer and edit.question == example.question
+        assert edit.answer == str(oracle_rationale(edit.question, edit.images[0])[1])
+        differing = sum(a != b for a, b in zip(read_cells(example.images[0]), read_cells(edit.images[0]), strict=True))
+        assert differing == 1
+    assert edited_any >= 25
