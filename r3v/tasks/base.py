@@ -14,7 +14,8 @@ This module holds, in order:
 - record fields (``field``, ``text_field``), files (``read_json``, ``read_records``,
   ``json_lines``), the hub (``load_hub_undecoded``), images (``local_image``, ``hub_image``);
 - multiple choice (options, gold letters, M3CoT's judge fallbacks, ``ChoiceTask``) and R3V's prompt
-  layout (``InstructionPrompts``).
+  layout (``InstructionPrompts``);
+- ``SeededTask``: a built-in task drawn from a seed, with integer answers (clevr-synth, grid-count).
 
 Every malformed input raises ``r3v.errors.DataError`` naming the file, the record and the problem;
 under ``skip_bad`` a loader notes it in ``bad_records`` instead (``TaskBase.record_bad``).
@@ -437,73 +438,6 @@ class TaskBase:
         return local_image(root, relative, self.options.allow_outside_paths, self.options.check_images, where, kind)
 
 
-_BARE_INT = re.compile(r"-?\d+")
-_ANSWER_INT = re.compile(r"Answer:\s*(-?\d+)")
-
-
-class SeededTask(TaskBase):
-    """A built-in task drawn from a seed, with no download: example ``split-i`` is
-    ``example(split, i)``, made from a random source seeded by (seed, split, i), so every machine
-    has the same data. Answers are integers, extracted from ``Answer: n`` (or a bare number) and
-    scored by exact match, as CLEVR-Math does. A task sets its split sizes, its offsets (far apart,
-    so no two splits share a scene) and its seed stride, and writes ``example``."""
-
-    Options: ClassVar[type] = SeededOptions
-    split_sizes: ClassVar[dict[str, int]] = {}
-    split_offset: ClassVar[dict[str, int]] = {}
-    seed_stride: ClassVar[int] = 1
-
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
-        self.seed: int = self.options.seed
-        #: Questions per split.
-        self.sizes = dict(self.split_sizes, **(self.options.sizes or {}))
-        for split, size in (("train", self.options.train_size), ("test", self.options.test_size)):
-            if size is not None:
-                self.sizes[split] = size
-
-    def example(self, split: str, index: int) -> Example:
-        raise NotImplementedError
-
-    def load(self, split: str, data_dir: str | Path | None = None, limit: int | None = None) -> list[Example]:
-        self.start_load(split)
-        count = self.sizes[split] if limit is None else min(limit, self.sizes[split])
-        return [self.example(split, i) for i in range(count)]
-
-    def rng(self, split: str, index: int) -> random.Random:
-        """The random source of ``example(split, index)``."""
-        return random.Random(stride_seed(self.seed, self.split_offset[split] + index, stride=self.seed_stride))
-
-    def located(self, example: Example) -> tuple[str, int] | None:
-        """The (split, index) an example's id names, when that is one of this task's questions
-        (its question and answer must match, so a question of another seed or task is not taken
-        for one of these); None otherwise."""
-        split, _, index = example.id.rpartition("-")
-        if split not in self.split_offset or not index.isdigit() or int(index) >= self.sizes[split]:
-            return None
-        mine = self.example(split, int(index))
-        if mine.question != example.question or mine.answer != str(example.answer):
-            return None
-        return split, int(index)
-
-    def teacher_rationale(self, example: Example) -> str:
-        """The programmatic teacher's chain of thought, ending in the answer line."""
-        return f"{example.metadata['rationale']}\n{self.answer_line(example.answer, example)}"
-
-    def extract(self, text: str, example: Example) -> str | None:
-        stripped = text.strip()
-        if _BARE_INT.fullmatch(stripped):
-            return str(int(stripped))
-        match = _ANSWER_INT.search(text)
-        return str(int(match.group(1))) if match else None
-
-    def normalize(self, answer: str, example: Example) -> str:
-        return answer.strip()
-
-    def is_correct(self, answer: str | None, example: Example) -> bool:
-        return answer is not None and answer == str(example.answer)
-
-
 def check_split(task: str, splits: Sequence[str], split: str) -> None:
     """Refuse a split the task does not have, with the one message every task gives."""
     if split not in splits:
@@ -882,3 +816,81 @@ class ChoiceTask(TaskBase):
 
     def is_correct(self, answer: str | None, example: Example) -> bool:
         return answer is not None and self.normalize(answer, example) == example.answer
+
+
+# --- built-in tasks drawn from a seed ----------------------------------------------------------
+
+
+_BARE_INT = re.compile(r"-?\d+")
+_ANSWER_INT = re.compile(r"Answer:\s*(-?\d+)")
+
+
+class SeededTask(InstructionPrompts, TaskBase):
+    """A built-in task drawn from a seed, with no download: example ``split-i`` is
+    ``example(split, i)``, made from a random source seeded by (seed, split, i), so every machine
+    has the same data. Answers are integers, extracted from ``Answer: n`` (or a bare number) and
+    scored by exact match, as CLEVR-Math does; the prompts are R3V's layout with integer wording. A
+    task sets its split sizes, its offsets (far apart, so no two splits share a scene), its seed
+    stride and its ``cot_instruction``, and writes ``example``."""
+
+    Options: ClassVar[type] = SeededOptions
+    splits: ClassVar[tuple[str, ...]] = ("train", "test", "pretrain")
+    sources: ClassVar[str] = "built in: rendered with pillow from a seed (no download)"
+    #: ``example`` writes the teacher's rationale and the question's template into the metadata.
+    breakdown_keys: ClassVar[tuple[str, ...]] = ("template",)
+    metadata_keys: ClassVar[tuple[str, ...]] = ("rationale", "template")
+    qa_instruction: ClassVar[str] = "Answer the question using a single numerical value."
+    select_text: ClassVar[str] = "Which prediction is correct? Give the final answer as a single numerical value."
+    split_sizes: ClassVar[dict[str, int]] = {}
+    split_offset: ClassVar[dict[str, int]] = {}
+    seed_stride: ClassVar[int] = 1
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.seed: int = self.options.seed
+        #: Questions per split.
+        self.sizes = dict(self.split_sizes, **(self.options.sizes or {}))
+        for split, size in (("train", self.options.train_size), ("test", self.options.test_size)):
+            if size is not None:
+                self.sizes[split] = size
+
+    def example(self, split: str, index: int) -> Example:
+        raise NotImplementedError
+
+    def load(self, split: str, data_dir: str | Path | None = None, limit: int | None = None) -> list[Example]:
+        self.start_load(split)
+        count = self.sizes[split] if limit is None else min(limit, self.sizes[split])
+        return [self.example(split, i) for i in range(count)]
+
+    def rng(self, split: str, index: int) -> random.Random:
+        """The random source of ``example(split, index)``."""
+        return random.Random(stride_seed(self.seed, self.split_offset[split] + index, stride=self.seed_stride))
+
+    def located(self, example: Example) -> tuple[str, int] | None:
+        """The (split, index) an example's id names, when that is one of this task's questions
+        (its question and answer must match, so a question of another seed or task is not taken
+        for one of these); None otherwise."""
+        split, _, index = example.id.rpartition("-")
+        if split not in self.split_offset or not index.isdigit() or int(index) >= self.sizes[split]:
+            return None
+        mine = self.example(split, int(index))
+        if mine.question != example.question or mine.answer != str(example.answer):
+            return None
+        return split, int(index)
+
+    def teacher_rationale(self, example: Example) -> str:
+        """The programmatic teacher's chain of thought, ending in the answer line."""
+        return f"{example.metadata['rationale']}\n{self.answer_line(example.answer, example)}"
+
+    def extract(self, text: str, example: Example) -> str | None:
+        stripped = text.strip()
+        if _BARE_INT.fullmatch(stripped):
+            return str(int(stripped))
+        match = _ANSWER_INT.search(text)
+        return str(int(match.group(1))) if match else None
+
+    def normalize(self, answer: str, example: Example) -> str:
+        return answer.strip()
+
+    def is_correct(self, answer: str | None, example: Example) -> bool:
+        return answer is not None and answer == str(example.answer)

@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 from r3v.records import Example
 from r3v.registry import tasks
 from r3v.seeds import seeded_rng
-from r3v.tasks.base import InstructionPrompts, SeededTask
+from r3v.tasks.base import SeededTask
 
 COLORS = {"red": (220, 40, 40), "blue": (40, 80, 220), "green": (40, 170, 60), "yellow": (230, 200, 30)}
 SHAPES = ("square", "circle")
@@ -146,18 +146,12 @@ def single_edits(scene: Scene) -> tuple[list[Scene], list[Scene]]:
 
 
 @tasks.register("clevr-synth")
-class ClevrSynth(InstructionPrompts, SeededTask):
+class ClevrSynth(SeededTask):
     name = "clevr-synth"
-    splits = ("train", "test", "pretrain")
-    sources = "built in: rendered with pillow from a seed (no download)"
-    breakdown_keys = ("template",)
-    metadata_keys = ("rationale", "template")
     split_sizes = SPLIT_SIZES
     split_offset = SPLIT_OFFSET
     seed_stride = 7_919
     cot_instruction = "First generate a step-by-step solution, then answer the question using a single numerical value."
-    qa_instruction = "Answer the question using a single numerical value."
-    select_text = "Which prediction is correct? Give the final answer as a single numerical value."
 
     def scene(self, split: str, index: int) -> Scene:
         """The scene behind ``example(split, index)``: what is in each cell."""

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from r3v.records import Example
 from r3v.registry import tasks
 from r3v.seeds import seeded_rng
-from r3v.tasks.base import InstructionPrompts, SeededTask
+from r3v.tasks.base import SeededTask
 from r3v.tasks.clevr_synth import COLORS, GRID, SHAPES, Scene, render, single_edits
 
 #: Objects per scene: dense enough that most rows hold something to count.
@@ -122,18 +122,12 @@ def parse_steps(text: str) -> list[tuple[int, str, int, int]]:
 
 
 @tasks.register("grid-count")
-class GridCount(InstructionPrompts, SeededTask):
+class GridCount(SeededTask):
     name = "grid-count"
-    splits = ("train", "test", "pretrain")
-    sources = "built in: rendered with pillow from a seed (no download)"
-    breakdown_keys = ("template",)
-    metadata_keys = ("rationale", "template")
     split_sizes = SPLIT_SIZES
     split_offset = SPLIT_OFFSET
     seed_stride = 7_907
     cot_instruction = "Count row by row, keeping a running total, then answer with a single number."
-    qa_instruction = "Answer the question using a single numerical value."
-    select_text = "Which prediction is correct? Give the final answer as a single numerical value."
 
     def scene(self, split: str, index: int) -> Scene:
         """The scene behind ``example(split, index)``: what is in each cell."""
