@@ -129,14 +129,14 @@ class GridCount(SeededTask):
     seed_stride = 7_907
     cot_instruction = "Count row by row, keeping a running total, then answer with a single number."
 
-    def scene(self, split: str, index: int) -> Scene:
-        """The scene behind ``example(split, index)``: what is in each cell."""
-        return make_scene(self.rng(split, index))
-
     def scene_and_query(self, split: str, index: int) -> tuple[Scene, Query]:
+        """The scene behind ``example(split, index)`` and what its question asks."""
         rng = self.rng(split, index)
         scene = make_scene(rng)
         return scene, make_query(scene, rng)
+
+    def scene(self, split: str, index: int) -> Scene:
+        return self.scene_and_query(split, index)[0]
 
     def example(self, split: str, index: int) -> Example:
         scene, query = self.scene_and_query(split, index)
