@@ -878,6 +878,12 @@ class SeededTask(InstructionPrompts, TaskBase):
             return None
         return split, int(index)
 
+    def edited(self, example: Example, image: Image.Image, answer: int, rationale: str, template: str) -> Example:
+        """``example``'s question about an edited image (a ``counterfactual``), with the gold answer
+        and the teacher's steps worked out from the edited scene."""
+        return Example(id=f"{example.id}-counterfactual", task=self.name, question=example.question,
+                       answer=str(answer), images=[image], metadata={"rationale": rationale, "template": template})
+
     def teacher_rationale(self, example: Example) -> str:
         """The programmatic teacher's chain of thought, ending in the answer line."""
         return f"{example.metadata['rationale']}\n{self.answer_line(example.answer, example)}"

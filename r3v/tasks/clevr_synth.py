@@ -210,14 +210,7 @@ class ClevrSynth(SeededTask):
         rng = seeded_rng(self.seed, "counterfactual", example.id)
         edited = rng.choice(rng.choice(kinds))
         new_answer, steps = query.solve(edited)
-        return Example(
-            id=f"{example.id}-counterfactual",
-            task=self.name,
-            question=example.question,
-            answer=str(new_answer),
-            images=[render(edited)],
-            metadata={"rationale": steps, "template": example.question.split()[0].lower()},
-        )
+        return self.edited(example, render(edited), new_answer, steps, example.question.split()[0].lower())
 
     def check_steps(self, text: str, example: Example) -> bool:
         """Whether every step of a rationale holds in the example's scene: each "There are N ..."

@@ -175,14 +175,7 @@ class GridCount(SeededTask):
             return None
         edited = seeded_rng(self.seed, "counterfactual", example.id).choice(edits)
         new_answer, steps = query.solve(edited)
-        return Example(
-            id=f"{example.id}-counterfactual",
-            task=self.name,
-            question=example.question,
-            answer=str(new_answer),
-            images=[render(edited)],
-            metadata={"rationale": steps, "template": query.template},
-        )
+        return self.edited(example, render(edited), new_answer, steps, query.template)
 
     def check_steps(self, text: str, example: Example) -> bool:
         """Whether every step of a rationale holds in the example's scene: it walks rows 1 to 4 in
