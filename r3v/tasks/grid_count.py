@@ -124,10 +124,8 @@ def parse_steps(text: str) -> list[tuple[int, str, int, int]]:
 @tasks.register("grid-count")
 class GridCount(SeededTask):
     name = "grid-count"
-    split_sizes = SPLIT_SIZES
-    split_offset = SPLIT_OFFSET
-    seed_stride = 7_907
     cot_instruction = "Count row by row, keeping a running total, then answer with a single number."
+    split_sizes, split_offset, seed_stride = SPLIT_SIZES, SPLIT_OFFSET, 7_907
 
     def scene_and_query(self, split: str, index: int) -> tuple[Scene, Query]:
         """The scene behind ``example(split, index)`` and what its question asks."""
