@@ -330,7 +330,7 @@ def markdown(summary: dict, machine: dict, seeds: list[int], seconds: dict, comm
     for name, target in summary["targets"].items():
         value = target["value"]
         shown = (", ".join("-" if v is None else f"{v:.3f}" for v in value) if isinstance(value, list)
-                 else "-" if value is None else f"{value:+.3f}")
+                 else "-" if value is None else f"{value:.3f}x" if target["target"].endswith("x") else f"{value:+.3f}")
         if target.get("interval") and None not in target["interval"]:
             shown += f" [{target['interval'][0]:+.3f}, {target['interval'][1]:+.3f}]"
         lines.append(f"| {name} ({target['target']}) | {shown} | {'yes' if target['met'] else 'no'} |")
