@@ -532,15 +532,22 @@ def test_full_fine_tuning_trains_the_language_model_and_saves_a_loadable_model(n
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", FAMILY_NAMES)
-def test_r3v_train_and_bench_run_from_the_cli_on_a_saved_folder(name, hub_folder, tmp_path):
-    """``r3v train`` and ``r3v bench`` with only ``--model FOLDER`` and the size limits: the family's
-    preset (LoRA on the language model), its processor and its chat format, end to end."""
+def test_r3v_generate_train_and_bench_run_from_the_cli_on_a_saved_folder(name, hub_folder, tmp_path):
+    """``r3v generate``, ``r3v train`` and ``r3v bench`` with only ``--model FOLDER`` and the size
+    limits: the family's preset (LoRA on the language model), its processor and its chat format, end
+    to end."""
     from click.testing import CliRunner
 
     from r3v.cli import main
 
     folder = hub_folder(name)
     runner = CliRunner()
+    generate = runner.invoke(main, ["generate", "--model", folder, "--limit", "2", "--n", "2", "--max-new-tokens", "8",
+                                    "--out", str(tmp_path / "samples.jsonl")])
+    assert generate.exit_code == 0, generate.output
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 and {s["sample_index"] for s in samples} == {0, 1}
+    assert all(isinstance(s["text"], str) and s["completion_tokens"] >= 1 for s in samples)
     train = runner.invoke(main, ["train", "--model", folder, "--iterations", "1", "--train-limit", "4", "--test-limit",
                                  "2", "--epochs", "1", "--max-new-tokens", "16", "--out", str(tmp_path / "run")])
     assert train.exit_code == 0, train.output
