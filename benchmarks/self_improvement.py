@@ -26,9 +26,11 @@ demo's time is kept in --run-root/demo/demo_time.json from the run that measured
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -130,26 +132,20 @@ def run_arm(arm: str, seed: int, iterations: int, run_root: Path, threads: int |
     }
 
 
-_TASK_CACHE: dict = {}
-
-
+@functools.cache
 def task_examples(split: str) -> tuple:
-    if split not in _TASK_CACHE:
-        from r3v.registry import tasks
+    """(task, its examples of ``split`` by id): built once, since every arm, seed and iteration reads them."""
+    from r3v.registry import tasks
 
-        task = tasks.get(TASK)()
-        _TASK_CACHE[split] = (task, {ex.id: ex for ex in task.load(split)})
-    return _TASK_CACHE[split]
+    task = tasks.get(TASK)()
+    return task, {ex.id: ex for ex in task.load(split)}
 
 
 def time_demo(run_root: Path) -> dict:
     """The main job alone: ``r3v train --iterations 3`` from scratch with every default, nothing
     else of this script running, timed from process start to exit (start-up included)."""
     run_dir = run_root / "demo"
-    if run_dir.exists():
-        import shutil
-
-        shutil.rmtree(run_dir)
+    shutil.rmtree(run_dir, ignore_errors=True)
     before = load_average()
     started = time.perf_counter()
     r3v("train", "--iterations", "3", "--out", str(run_dir / "run"))
@@ -182,10 +178,10 @@ def paired(results: dict, arm: str, seeds: list[str]) -> dict:
     """R3V minus ``arm`` on the same test questions at the last iteration: per question the
     difference of greedy correctness averaged over seeds (interval over questions), and per seed."""
     questions = sorted(results[seeds[0]]["r3v"]["final_greedy"])
-    per_question = [statistics.fmean(int(results[s]["r3v"]["final_greedy"][q]) - int(results[s][arm]["final_greedy"][q])
-                                     for s in seeds) for q in questions]
-    per_seed = [statistics.fmean(int(results[s]["r3v"]["final_greedy"][q]) - int(results[s][arm]["final_greedy"][q])
-                                 for q in questions) for s in seeds]
+    diff = [[int(results[s]["r3v"]["final_greedy"][q]) - int(results[s][arm]["final_greedy"][q]) for q in questions]
+            for s in seeds]  # seed x question
+    per_question = [statistics.fmean(column) for column in zip(*diff, strict=True)]
+    per_seed = [statistics.fmean(row) for row in diff]
     return {"over_questions": mean_ci(per_question, quantile=Z95), "over_seeds": mean_ci(per_seed),
             "per_seed": dict(zip(seeds, per_seed, strict=True)), "questions": len(questions)}
 
@@ -359,13 +355,12 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown arm(s) {unknown}; known: {sorted(ARMS)}")
     out = Path(args.out)
-    previous = json.loads(out.read_text()) if out.exists() else {}  # its demo time, for runs made before demo_time.json
     load_at_start = load_average()
     results: dict = {str(seed): {} for seed in seeds}
     demo = time_demo(Path(args.run_root)) if args.time_demo else None
     if demo is None:
         record = Path(args.run_root) / "demo" / "demo_time.json"
-        demo = json.loads(record.read_text()) if record.exists() else previous.get("demo")
+        demo = json.loads(record.read_text()) if record.exists() else None
     jobs = [(seed, arm) for seed in seeds for arm in arms if arm not in results[str(seed)]]
     threads = args.threads or (1 if args.jobs > 1 else None)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
