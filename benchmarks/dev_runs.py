@@ -4,6 +4,7 @@ Choosing defaults must not look at clevr-synth's test split of the benchmark dat
 settings run on other datasets of the same kind (`--task-arg seed=1`, `seed=2`, ...). This script
 reads each run directory (run.json, metrics.jsonl, timing.json: all written by the loop) and writes
 benchmarks/results/dev_runs.json plus a table in benchmarks/README.md (between the dev-runs markers).
+Runs already in the results file stay there (a run given again replaces its record).
 
     python benchmarks/dev_runs.py RUN_DIR [RUN_DIR ...]
 """
@@ -65,6 +66,30 @@ def faithfulness(iteration_dir: Path, task_args: dict | None = None) -> dict:
             "test_equations_right": test_equations, "positives_equations_right": positive_equations}
 
 
+@functools.cache
+def task_with_examples(task_name: str, task_args_json: str, split: str) -> tuple:
+    from r3v.registry import tasks
+
+    task = tasks.get(task_name)(**json.loads(task_args_json))
+    return task, {ex.id: ex for ex in task.load(split)}
+
+
+def steps_hold(iteration_dir: Path, task_name: str, task_args: dict) -> dict:
+    """The share of rationales whose every step the task's own checker accepts (``check_steps``), over
+    the greedy test answers and over the positives; None for a task without a checker."""
+
+    def share(path: Path, split: str, only_correct: bool) -> float | None:
+        task, examples = task_with_examples(task_name, json.dumps(task_args, sort_keys=True), split)
+        if task.check_steps is None or not path.exists():
+            return None
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = [r for r in rows if r["correct"] or not only_correct]
+        return round(sum(bool(task.check_steps(r["text"], examples[r["example_id"]])) for r in rows) / len(rows), 4) if rows else None
+
+    return {"test_steps_hold": share(iteration_dir / "eval" / "greedy.jsonl", "test", only_correct=False),
+            "positives_steps_hold": share(iteration_dir / "samples.jsonl", "train", only_correct=True)}
+
+
 def weights_sha256(model: str) -> str | None:
     """The base model's weights, so runs on a since-rebuilt base are told apart."""
     from r3v.models.loading import resolve_model
@@ -81,20 +106,33 @@ def read_run(run_dir: Path, model_paths: dict[str, str] | None = None) -> dict:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     accuracy = [row["test_accuracy"] for row in rows]
     build = settings["settings"]["build"]
+    task, task_args = settings["settings"]["task"], settings["settings"]["task_args"]
+
+    def rationale_shares(iteration: int) -> dict:
+        found = steps_hold(run_dir / f"iter{iteration}", task, task_args)
+        if task == "clevr-synth":
+            found.update(faithfulness(run_dir / f"iter{iteration}", task_args))
+        return found
+
     return {
         "run": run_dir.name,
         "command": settings.get("command"),
-        "task_args": settings["settings"]["task_args"],
+        "task": task,
+        "task_args": task_args,
         # explicit in run.json only when given on the command line; the warm-up QA has one item per question
         "train_questions": rows[0]["items"]["qa"],
         "test_questions": rows[0]["test_questions"],
         "epochs": settings["settings"]["train"]["epochs"],
+        "learning_rate": settings["settings"]["train"]["learning_rate"],
+        "temperature": settings["settings"]["sampling"]["temperature"],
+        "from_base": settings["settings"]["from_base"],
         "objectives": [name for name, flag in (("cot", build["self_cot"]), ("refine", build["self_refine"]),
                                                ("select", build["self_select"])) if flag],
         "base_sha256": weights_sha256((model_paths or {}).get(model, model)),
         # set through the Python API (BuildConfig); the CLI's defaults are True and False
         "warmup_mixed_in": build.get("include_warmup", True),
         "check_equations": build.get("check_equations", False),
+        "check_steps": build.get("check_steps", False),
         "test_accuracy_by_iteration": accuracy,
         # over the same 3 sampled test answers per question, from iteration 1
         "self_select_accuracy_by_iteration": [row["select_accuracy"] for row in rows],
@@ -102,8 +140,7 @@ def read_run(run_dir: Path, model_paths: dict[str, str] | None = None) -> dict:
         "relative_gain_last_vs_0": round((accuracy[-1] - accuracy[0]) / accuracy[0], 4) if accuracy[0] else None,
         "seconds": json.loads((run_dir / "timing.json").read_text())["seconds"],
         # what the final-answer check cannot see, in the greedy test answers of the first and last iteration
-        "rationales": {str(row["iteration"]): faithfulness(run_dir / f"iter{row['iteration']}", settings["settings"]["task_args"])
-                       for row in (rows[0], rows[-1])},
+        "rationales": {str(row["iteration"]): rationale_shares(row["iteration"]) for row in (rows[0], rows[-1])},
     }
 
 
@@ -115,16 +152,20 @@ def inside(run: dict, key: str) -> str:
 
 def markdown(runs: list[dict], machine: dict) -> str:
     lines = [MARK_BEGIN, "## Dev runs (choosing the demo's defaults)", "",
-             f"`python benchmarks/dev_runs.py ...` (written {machine['date']}; runs on {machine['cpu']}, "
+             f"`python benchmarks/dev_runs.py ...` (last written {machine['date']}; runs on {machine['cpu']}, "
              f"{machine['cores']} cores, several at a time, so their seconds are not comparable). Datasets "
-             "`--task-arg seed=1` and `seed=2` of clevr-synth, never the benchmark's test split; "
+             "`--task-arg seed=1` and `seed=2` of each task, never the benchmark's test split (seed 0); "
              "Test@1 (greedy) on each dataset's test questions; one standard error is about 0.033 on 200 "
-             "questions and 0.015 on 1000.", "",
-             "Two columns look inside the greedy test rationales, at iteration 0 and at the last one: the share "
-             "whose equation (`7 - 3 = 4`) is right, and the share whose counting steps are all right.", "",
-             "| run | dataset seed | train / test questions | epochs | objectives | base (sha256) | Test@1, iterations 0 to 3 "
-             "| gain | self-select@3 / majority@3, last iteration | equation right | counts right |",
-             "| --- |" + " --- |" * 10]
+             "questions, 0.027 on 300 and 0.015 on 1000. T / lr: sampling temperature and learning rate; "
+             "\"continue\": each iteration trains on from the previous one's weights.", "",
+             "Three columns look inside the greedy test rationales, at iteration 0 and at the last one: the share "
+             "whose equation (`7 - 3 = 4`) is right and the share whose counting steps are all right "
+             "(clevr-synth), and the share whose every step the task's own checker accepts (`check_steps`; "
+             "recorded for the runs read since it was added).", "",
+             "| run | task | dataset seed | train / test questions | epochs | T / lr | objectives | base (sha256) "
+             "| Test@1, iterations 0 to 3 | gain | self-select@3 / majority@3, last iteration | equation right "
+             "| counts right | all steps hold |",
+             "| --- |" + " --- |" * 13]
     for run in runs:
         accuracy = " → ".join(f"{value:.3f}" for value in run["test_accuracy_by_iteration"])
         gain = "-" if run["relative_gain_last_vs_0"] is None else f"{run['relative_gain_last_vs_0']:+.0%}"
@@ -133,11 +174,22 @@ def markdown(runs: list[dict], machine: dict) -> str:
         objectives = "+".join(run["objectives"])
         objectives += "" if run.get("warmup_mixed_in", True) else ", warm-up not mixed in"
         objectives += ", equation check" if run.get("check_equations") else ""
-        lines.append(f"| {run['run']} | {run['task_args'].get('seed', 0)} | {run['train_questions']} / {run['test_questions']} "
-                     f"| {run['epochs']:g} "
+        objectives += ", step check" if run.get("check_steps") else ""
+        objectives += "" if run.get("from_base", True) else ", continue"
+        rates = f"{run['temperature']:g} / {run['learning_rate']:g}" if "temperature" in run else "-"
+        lines.append(f"| {run['run']} | {run.get('task', 'clevr-synth')} | {run['task_args'].get('seed', 0)} "
+                     f"| {run['train_questions']} / {run['test_questions']} | {run['epochs']:g} | {rates} "
                      f"| {objectives} | {(run['base_sha256'] or '?')[:12]} | {accuracy} | {gain} | {selection} "
-                     f"| {inside(run, 'test_equations_right')} | {inside(run, 'test_rationales_faithful')} |")
+                     f"| {inside(run, 'test_equations_right')} | {inside(run, 'test_rationales_faithful')} "
+                     f"| {inside(run, 'test_steps_hold')} |")
     return "\n".join([*lines, MARK_END])
+
+
+def merged(kept: list[dict], new: list[dict]) -> list[dict]:
+    """The recorded runs with the new ones in: a run of the same name is replaced in place."""
+    by_name = {run["run"]: run for run in new}
+    runs = [by_name.pop(run["run"], run) for run in kept]
+    return runs + [run for run in new if run["run"] in by_name]
 
 
 def main() -> None:
@@ -149,7 +201,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "dev_runs.json")
     args = parser.parse_args()
     model_paths = dict(item.split("=", 1) for item in args.model_path)
-    runs = [read_run(run_dir, model_paths) for run_dir in args.runs]
+    recorded = json.loads(args.out.read_text())["runs"] if args.out.exists() else []
+    runs = merged(recorded, [read_run(run_dir, model_paths) for run_dir in args.runs])
     machine = describe_machine()
     args.out.write_text(json.dumps({"benchmark": "dev_runs", "machine": machine, "runs": runs}, indent=2) + "\n")
     block = markdown(runs, machine)

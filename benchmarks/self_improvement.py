@@ -43,8 +43,12 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.machine import describe_machine, load_average  # noqa: E402
 from benchmarks.report import update_readme_section  # noqa: E402
+from r3v.loop import resolve_config  # noqa: E402
 
-TASK = "clevr-synth"
+#: What `r3v train` runs with no options: its task, and the token limit its evaluation uses.
+DEMO = resolve_config()
+TASK = DEMO.task.name
+MAX_NEW_TOKENS = DEMO.eval_tokens
 ARMS = {"r3v": [], "star": ["--method", "star"], "no-refine": ["--no-refine"], "no-select": ["--no-select"]}
 LADDER = (1, 3, 5, 7)
 SELECTORS = {"first": "first", "maj": "majority", "sel": "self-select"}
@@ -107,7 +111,7 @@ def run_arm(arm: str, seed: int, iterations: int, run_root: Path, threads: int |
         bench = json.loads(
             r3v("bench", "--model", *model, "--task", TASK, "--n", str(max(LADDER)),
                 "--n-ladder", ",".join(map(str, LADDER)), "--selector", "self-select", "--seed", str(seed),
-                "--max-new-tokens", "64", "--json", "--out", str(run_dir / "bench"), threads=threads).stdout
+                "--max-new-tokens", str(MAX_NEW_TOKENS), "--json", "--out", str(run_dir / "bench"), threads=threads).stdout
         )
     timing = json.loads((run_dir / "timing.json").read_text())
     return {

@@ -193,6 +193,8 @@ def build_self_items(
     Questions whose samples are all correct give only self-CoT; all wrong give nothing.
     ``iteration`` is the iteration being trained; it seeds the shuffles.
     """
+    if config.check_steps and task.check_steps is None:
+        raise ValueError(f"build.check_steps: task {task.name!r} has no step checker (check_steps)")
     by_id = {ex.id: ex for ex in examples}
     pool = pool_by_example(samples)
     unknown = sorted(set(pool) - set(by_id))
@@ -230,6 +232,10 @@ def build_self_items(
         if config.check_equations:
             checked = [s for s in correct if equations_hold(s.text)]
             stats["positives_failing_equations"] += len(correct) - len(checked)
+            correct = checked
+        if config.check_steps:
+            checked = [s for s in correct if task.check_steps(s.text, example)]
+            stats["positives_failing_step_check"] += len(correct) - len(checked)
             correct = checked
         if not correct:
             stats["questions_all_wrong"] += 1

@@ -208,6 +208,10 @@ class BuildConfig:
     #: Use a right-answer sample as a positive only when every ``a + b = c`` (or -, *, /) step in it
     #: holds; the failures are neither positives nor negatives.
     check_equations: bool = False
+    #: Use a right-answer sample as a positive only when the task's own step checker
+    #: (``task.check_steps``) accepts every step; the failures are neither positives nor negatives.
+    #: A task without a checker refuses it.
+    check_steps: bool = False
     #: Base seed of every shuffle.
     seed: int = 0
 
@@ -243,6 +247,7 @@ class BuildConfig:
             "dedup": self.dedup,
             "include_warmup": self.include_warmup,
             "check_equations": self.check_equations,
+            "check_steps": self.check_steps,
             "seed": self.seed,
         }
 

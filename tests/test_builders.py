@@ -390,3 +390,40 @@ def test_the_rationale_filter_drops_short_and_answer_first_samples_everywhere():
     assert only_length.stats["not_rationales_removed"] == 2
     with pytest.raises(ValueError, match="rationale_min_chars"):
         BuildConfig(rationale_min_chars=-1)
+
+
+def test_check_steps_keeps_only_positives_whose_every_step_the_task_accepts():
+    from r3v.tasks.grid_count import GridCount
+
+    grid = GridCount()
+    ex = grid.example("train", 0)
+
+    def scored(text: str, index: int) -> Sample:
+        answer = grid.extract(text, ex)
+        return Sample(example_id=ex.id, sample_index=index, text=text, answer=answer,
+                      correct=grid.is_correct(answer, ex), model="m", sampling={}, seed=0, iteration=1)
+
+    rationale = ex.metadata["rationale"]
+    sound = scored(f"{rationale}\nAnswer: {ex.answer}", 0)
+    # the same count, with the first row read wrong: a right answer by luck
+    first_row = rationale.split(";")[0]
+    misread = first_row.replace("empty", "blue circle", 1) if "empty" in first_row else first_row.replace(":", ": empty,", 1)
+    lucky = scored(rationale.replace(first_row, misread, 1) + f"\nAnswer: {ex.answer}", 1)
+    miss = scored(f"{rationale}\nAnswer: {int(ex.answer) + 1}", 2)
+    assert sound.correct and lucky.correct and not miss.correct
+    assert grid.check_steps(sound.text, ex) and not grid.check_steps(lucky.text, ex)
+    plain = build_self_items(grid, [ex], [sound, lucky, miss], BuildConfig(), iteration=2)
+    assert plain.items[0].target == lucky.text  # the newest right answer, however it got there
+    checked = build_self_items(grid, [ex], [sound, lucky, miss], BuildConfig(check_steps=True), iteration=2)
+    assert kinds(checked.items) == ["cot", "refine"]
+    assert checked.items[0].target == checked.items[1].target == sound.text
+    assert checked.stats["positives_failing_step_check"] == 1
+    assert checked.stats["positives_passing_step_check"] == 1
+
+
+def test_check_steps_is_refused_for_a_task_without_a_step_checker():
+    from r3v.tasks.tabmwp import TabMWP
+
+    task = TabMWP.__new__(TabMWP)
+    with pytest.raises(ValueError, match="no step checker"):
+        build_self_items(task, [], [], BuildConfig(check_steps=True), iteration=1)

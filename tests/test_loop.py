@@ -138,6 +138,9 @@ def test_rerun_with_other_settings_is_refused(finished_run):
     result = CliRunner().invoke(main, [*ARGS, "--out", str(out), "--check-equations"])
     assert result.exit_code != 0
     assert "build.check_equations" in result.output
+    result = CliRunner().invoke(main, [*ARGS, "--out", str(out), "--check-steps"])
+    assert result.exit_code != 0
+    assert "build.check_steps" in result.output
 
 
 @pytest.mark.slow
@@ -246,7 +249,9 @@ def test_dev_runs_script_records_a_finished_run(finished_run):
 
     assert run["base_sha256"] == dev_runs.weights_sha256(resolve_model("r3v-clevr-base")) is not None
     table = dev_runs.markdown([run], {"date": "d", "cpu": "c", "cores": 2})
-    row = next(line for line in table.splitlines() if line.startswith(f"| {out.name} | 0 | 8 / 4 | 1 | cot+refine+select |"))
+    rates = f"{run['temperature']:g} / {run['learning_rate']:g}"
+    row = next(line for line in table.splitlines()
+               if line.startswith(f"| {out.name} | clevr-synth | 0 | 8 / 4 | 1 | {rates} | cot+refine+select |"))
     assert " → ".join(f"{value:.3f}" for value in run["test_accuracy_by_iteration"]) in row
     # inside the rationales: the greedy test answers of the first and the last iteration
     from r3v.builders import equations_hold
@@ -259,3 +264,12 @@ def test_dev_runs_script_records_a_finished_run(finished_run):
         assert shares["test_equations_right"] == round(right / len(greedy), 4)
         assert 0 <= shares["test_rationales_faithful"] <= 1
         assert shares["positives_faithful"] is None if iteration == "0" else 0 <= shares["positives_faithful"] <= 1
+        # every step by the task's own checker, counted here over the same answers
+        from r3v.tasks.clevr_synth import ClevrSynth
+
+        task = ClevrSynth()
+        examples = {ex.id: ex for ex in task.load("test")}
+        held = sum(task.check_steps(r["text"], examples[r["example_id"]]) for r in greedy)
+        assert shares["test_steps_hold"] == round(held / len(greedy), 4)
+    # a run read again replaces its record in place; the others stay
+    assert dev_runs.merged([{"run": "a", "x": 1}, {"run": out.name, "x": 2}], [run]) == [{"run": "a", "x": 1}, run]

@@ -63,7 +63,7 @@ FLAG_KEYS = (
     ("seed", "seed"), ("samples_per_iteration", "sampling.n"), ("temperature", "sampling.temperature"),
     ("top_p", "sampling.top_p"), ("top_k", "sampling.top_k"), ("max_new_tokens", "sampling.max_new_tokens"),
     ("eval_samples", "eval.samples"), ("eval_max_new_tokens", "eval.max_new_tokens"),
-    ("select_target", "build.select_target"), ("check_equations", "build.check_equations"), ("preset", "train_preset"),
+    ("select_target", "build.select_target"), ("check_equations", "build.check_equations"), ("check_steps", "build.check_steps"), ("preset", "train_preset"),
     ("epochs", "train.epochs"), ("learning_rate", "train.learning_rate"), ("global_batch", "train.global_batch"),
     ("batch_size", "train.batch_size"), ("grad_accum", "train.grad_accum"),
     ("gradient_checkpointing", "train.gradient_checkpointing"), ("dataloader_workers", "train.dataloader_workers"),
@@ -121,6 +121,9 @@ FLAG_KEYS = (
               help="Candidates per self-select item, e.g. 3 (R3V, default) or 2,3,4,5,6 (for test-time scaling).")
 @click.option("--check-equations/--no-check-equations", default=None,
               help="Use a right-answer sample as a positive only if every `a + b = c` step in it holds [default: off].")
+@click.option("--check-steps/--no-check-steps", default=None,
+              help="Use a right-answer sample as a positive only if the task's step checker accepts every step "
+                   f"[default: {'on' if DEFAULTS.build.check_steps else 'off'}].")
 @click.option("--preset", type=click.Choice(["auto", *PRESETS]), default=None,
               help="Trainer preset the training flags override [default: auto: the model folder's r3v.json, else its "
                    "family's; an unknown family gets the default preset].")

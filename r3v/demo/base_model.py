@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from r3v.models.tiny import build_tiny_model
+from r3v.models.tiny import BUILT_IN_SETTINGS, build_tiny_model
 
 if TYPE_CHECKING:
     from r3v.records import TrainItem
@@ -37,6 +37,10 @@ SHIPPED = Path(__file__).resolve().parents[1] / "assets" / NAME
 RECIPE = {"seed": 0, "qa_items": 2000, "cot_items": 150, "description_scenes": 4000, "epochs": 8.0,
           "learning_rate": 3e-3, "batch_size": 32, "calibration_images": 64, "vision_steps": 400,
           "arithmetic_items": 3000}
+#: What the model recommends for an ``r3v train`` run (its ``r3v.json``, see ``r3v.models.presets``):
+#: the built-in models' settings, and self-select trained on sets of 2 to 6 candidates, which on the
+#: dev datasets made self-select gain more over one sample as N grew (benchmarks/README.md, "Dev runs").
+SETTINGS = {**BUILT_IN_SETTINGS, "build": {"select_sizes": [2, 3, 4, 5, 6]}}
 #: Bump when the recipe or clevr-synth changes, so cached builds are not reused.
 VERSION = 6
 
@@ -85,6 +89,7 @@ def build_base_model(out: str | Path, **overrides) -> Path:
         for file in scratch.iterdir():
             if file.is_file() and not (final / file.name).exists() and file.name != "r3v_tiny.json":
                 shutil.copy2(file, final / file.name)
+        (final / "r3v.json").write_text(json.dumps(SETTINGS))
         (final / "r3v_base.json").write_text(
             json.dumps({"name": NAME, "version": VERSION, "recipe": recipe, "vision_probe_cell_accuracy": round(cell_accuracy, 4),
                         "train_losses": result.losses, "steps": result.steps}, indent=2)

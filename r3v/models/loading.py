@@ -16,8 +16,10 @@ from r3v.models.tiny import TINY_MODELS, built_in_models, tiny_model_path
 
 log = logging.getLogger(__name__)
 
-#: Models that ship as package data (``r3v/assets``): the built-in demo's base model.
-SHIPPED_MODELS = {name: Path(__file__).resolve().parents[1] / "assets" / name for name in ("r3v-clevr-base",)}
+#: Models that ship as package data (``r3v/assets``): the built-in demo's base models.
+SHIPPED_MODELS = {
+    name: Path(__file__).resolve().parents[1] / "assets" / name for name in ("r3v-grid-base", "r3v-clevr-base")
+}
 
 __all__ = ["SHIPPED_MODELS", "LoadedModel", "built_in_models", "load_model", "pick_device_and_dtype", "resolve_model"]
 
