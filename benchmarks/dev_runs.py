@@ -90,6 +90,14 @@ def steps_hold(iteration_dir: Path, task_name: str, task_args: dict) -> dict:
             "positives_steps_hold": share(iteration_dir / "samples.jsonl", "train", only_correct=True)}
 
 
+def selection_ladder(results: Path) -> dict | None:
+    """First sample, majority vote and self-select at each N of an ``r3v bench`` ladder."""
+    if not results.exists():
+        return None
+    ladder = json.loads(results.read_text())["ladder"]
+    return {k: {name: row[f"{name}@{k}"] for name in ("first", "maj", "sel")} for k, row in ladder.items()}
+
+
 def weights_sha256(model: str) -> str | None:
     """The base model's weights, so runs on a since-rebuilt base are told apart."""
     from r3v.models.loading import resolve_model
@@ -133,6 +141,9 @@ def read_run(run_dir: Path, model_paths: dict[str, str] | None = None) -> dict:
         "warmup_mixed_in": build.get("include_warmup", True),
         "check_equations": build.get("check_equations", False),
         "check_steps": build.get("check_steps", False),
+        "select_sizes": build.get("select_sizes", [3]),
+        # `r3v bench --n 7 --n-ladder 1,3,5,7 --out RUN_DIR/bench` on the last model, where it was run
+        "selection_ladder": selection_ladder(run_dir / "bench" / "results.json"),
         "test_accuracy_by_iteration": accuracy,
         # over the same 3 sampled test answers per question, from iteration 1
         "self_select_accuracy_by_iteration": [row["select_accuracy"] for row in rows],
@@ -166,6 +177,7 @@ def markdown(runs: list[dict], machine: dict) -> str:
              "| Test@1, iterations 0 to 3 | gain | self-select@3 / majority@3, last iteration | equation right "
              "| counts right | all steps hold |",
              "| --- |" + " --- |" * 13]
+    laddered = [run for run in runs if run.get("selection_ladder")]
     for run in runs:
         accuracy = " → ".join(f"{value:.3f}" for value in run["test_accuracy_by_iteration"])
         gain = "-" if run["relative_gain_last_vs_0"] is None else f"{run['relative_gain_last_vs_0']:+.0%}"
@@ -176,12 +188,25 @@ def markdown(runs: list[dict], machine: dict) -> str:
         objectives += ", equation check" if run.get("check_equations") else ""
         objectives += ", step check" if run.get("check_steps") else ""
         objectives += "" if run.get("from_base", True) else ", continue"
+        sizes = run.get("select_sizes", [3])
+        objectives += f", select on {sizes[0]}-{sizes[-1]}" if "select" in run["objectives"] and sizes != [3] else ""
         rates = f"{run['temperature']:g} / {run['learning_rate']:g}" if "temperature" in run else "-"
         lines.append(f"| {run['run']} | {run.get('task', 'clevr-synth')} | {run['task_args'].get('seed', 0)} "
                      f"| {run['train_questions']} / {run['test_questions']} | {run['epochs']:g} | {rates} "
                      f"| {objectives} | {(run['base_sha256'] or '?')[:12]} | {accuracy} | {gain} | {selection} "
                      f"| {inside(run, 'test_equations_right')} | {inside(run, 'test_rationales_faithful')} "
                      f"| {inside(run, 'test_steps_hold')} |")
+    if laddered:
+        ks = sorted({int(k) for run in laddered for k in run["selection_ladder"]})
+        lines += ["", "Test-time selection with the last model of the runs above that were benched (`r3v bench --n 7 "
+                  "--n-ladder 1,3,5,7`, the same samples for every selector): self-select / majority vote, and the "
+                  "first sample alone.", "",
+                  "| run | first | " + " | ".join(f"N = {k}: self-select / majority" for k in ks) + " |",
+                  "| --- |" + " --- |" * (len(ks) + 1)]
+        for run in laddered:
+            ladder = run["selection_ladder"]
+            cells = [f"{ladder[str(k)]['sel']:.3f} / {ladder[str(k)]['maj']:.3f}" if str(k) in ladder else "-" for k in ks]
+            lines.append(f"| {run['run']} | {ladder[str(ks[0])]['first']:.3f} | " + " | ".join(cells) + " |")
     return "\n".join([*lines, MARK_END])
 
 

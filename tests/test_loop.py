@@ -85,7 +85,10 @@ def test_one_iteration_end_to_end(finished_run):
     # the stored mixture is exactly what the builders make of that pool
     stored_items = [TrainItem.from_dict(r) for r in read_jsonl(out / "iter1" / "train_items.jsonl")]
     warm_items = [i for i in stored_items if i.kind in ("qa", "distill")]
-    rebuilt = build_mixture(task, train, drawn, BuildConfig(seed=7), 1, sorted(warm_items, key=repr))
+    # with the run's build settings: the defaults and what the model's r3v.json recommends
+    build = BuildConfig.from_dict(json.loads((out / "run.json").read_text())["settings"]["build"])
+    assert build.seed == 7
+    rebuilt = build_mixture(task, train, drawn, build, 1, sorted(warm_items, key=repr))
     assert sorted(map(repr, rebuilt.items)) == sorted(map(repr, stored_items))
     assert first["items"] == rebuilt.counts
     # the run must have exercised every objective, or the checks above prove little
@@ -245,13 +248,17 @@ def test_dev_runs_script_records_a_finished_run(finished_run):
     assert run["self_select_accuracy_by_iteration"] == [row["select_accuracy"] for row in rows]
     assert run["majority_accuracy_by_iteration"][1] == rows[1]["majority_accuracy"] is not None
     assert run["train_questions"] == 8 and run["epochs"] == 1
+    from r3v.loop import resolve_config
+
+    assert run["select_sizes"] == list(resolve_config({"model": "r3v-clevr-base"}).build.select_sizes)
+    assert run["selection_ladder"] is None  # not benched
     from r3v.models.loading import resolve_model
 
     assert run["base_sha256"] == dev_runs.weights_sha256(resolve_model("r3v-clevr-base")) is not None
     table = dev_runs.markdown([run], {"date": "d", "cpu": "c", "cores": 2})
     rates = f"{run['temperature']:g} / {run['learning_rate']:g}"
     row = next(line for line in table.splitlines()
-               if line.startswith(f"| {out.name} | clevr-synth | 0 | 8 / 4 | 1 | {rates} | cot+refine+select |"))
+               if line.startswith(f"| {out.name} | clevr-synth | 0 | 8 / 4 | 1 | {rates} | cot+refine+select, select on 2-6 |"))
     assert " → ".join(f"{value:.3f}" for value in run["test_accuracy_by_iteration"]) in row
     # inside the rationales: the greedy test answers of the first and the last iteration
     from r3v.builders import equations_hold
