@@ -63,7 +63,8 @@ FLAG_KEYS = (
     ("seed", "seed"), ("samples_per_iteration", "sampling.n"), ("temperature", "sampling.temperature"),
     ("top_p", "sampling.top_p"), ("top_k", "sampling.top_k"), ("max_new_tokens", "sampling.max_new_tokens"),
     ("eval_samples", "eval.samples"), ("eval_max_new_tokens", "eval.max_new_tokens"),
-    ("select_target", "build.select_target"), ("check_equations", "build.check_equations"), ("check_steps", "build.check_steps"), ("preset", "train_preset"),
+    ("select_target", "build.select_target"), ("check_equations", "build.check_equations"),
+    ("check_steps", "build.check_steps"), ("preset", "train_preset"),
     ("epochs", "train.epochs"), ("learning_rate", "train.learning_rate"), ("global_batch", "train.global_batch"),
     ("batch_size", "train.batch_size"), ("grad_accum", "train.grad_accum"),
     ("gradient_checkpointing", "train.gradient_checkpointing"), ("dataloader_workers", "train.dataloader_workers"),
@@ -118,7 +119,8 @@ FLAG_KEYS = (
 @click.option("--select-target", type=click.Choice(SELECT_TARGETS), default=None,
               help="Self-select target: the answer line (default), the bare value, or the chosen solution (paper figure).")
 @click.option("--select-sizes", default=None,
-              help="Candidates per self-select item, e.g. 3 (R3V, default) or 2,3,4,5,6 (for test-time scaling).")
+              help="Candidates per self-select item, e.g. 3 (R3V) or 2,3,4,5,6 (for test-time scaling) [default: "
+                   "what the model folder's r3v.json recommends (the demo's base: 2,3,4,5,6), else 3].")
 @click.option("--check-equations/--no-check-equations", default=None,
               help="Use a right-answer sample as a positive only if every `a + b = c` step in it holds [default: off].")
 @click.option("--check-steps/--no-check-steps", default=None,
