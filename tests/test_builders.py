@@ -422,8 +422,9 @@ def test_check_steps_keeps_only_positives_whose_every_step_the_task_accepts():
 
 
 def test_check_steps_is_refused_for_a_task_without_a_step_checker():
-    from r3v.tasks.tabmwp import TabMWP
+    from r3v.registry import tasks
 
-    task = TabMWP.__new__(TabMWP)
+    task = tasks.get("m3cot")()
+    assert task.check_steps is None
     with pytest.raises(ValueError, match="no step checker"):
         build_self_items(task, [], [], BuildConfig(check_steps=True), iteration=1)

@@ -23,7 +23,7 @@ import random
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from r3v.models.tiny import BUILT_IN_SETTINGS, build_tiny_model
 
@@ -83,12 +83,7 @@ def build_base_model(out: str | Path, **overrides) -> Path:
         result = train(str(scratch), items, {ex.id: ex for ex in examples}, config, work / "trained", resume=False)
         final = work / "final"
         final.mkdir()
-        for file in Path(result.output_path).iterdir():
-            if file.is_file() and not file.name.startswith(("r3v_train", "training_args", "trainer_state")):
-                shutil.copy2(file, final / file.name)
-        for file in scratch.iterdir():
-            if file.is_file() and not (final / file.name).exists() and file.name != "r3v_tiny.json":
-                shutil.copy2(file, final / file.name)
+        collect_model_files(Path(result.output_path), scratch, final, leave_out=("r3v_tiny.json",))
         (final / "r3v.json").write_text(json.dumps(SETTINGS))
         (final / "r3v_base.json").write_text(
             json.dumps({"name": NAME, "version": VERSION, "recipe": recipe, "vision_probe_cell_accuracy": round(cell_accuracy, 4),
@@ -120,6 +115,29 @@ def arithmetic_items(count: int, rng: random.Random) -> list[TrainItem]:
     return items
 
 
+def collect_model_files(trained: Path, source: Path, final: Path, leave_out: tuple[str, ...] = ()) -> None:
+    """Gather a loadable model folder in ``final``: the trained weights and config (not the
+    trainer's own records), then the tokenizer and processor files only ``source`` has."""
+    for file in trained.iterdir():
+        if file.is_file() and not file.name.startswith(("r3v_train", "training_args", "trainer_state")):
+            shutil.copy2(file, final / file.name)
+    for file in source.iterdir():
+        if file.is_file() and not (final / file.name).exists() and file.name not in leave_out:
+            shutil.copy2(file, final / file.name)
+
+
+def scene_features(model: Any, image_processor: Any, scenes: list) -> Any:
+    """The merged image tokens of the rendered scenes, one row per token (one per grid cell)."""
+    import torch
+
+    from r3v.tasks.clevr_synth import render
+
+    encoded = image_processor([render(scene) for scene in scenes], return_tensors="pt")
+    return torch.cat(model.get_image_features(
+        pixel_values=encoded["pixel_values"], image_grid_thw=encoded["image_grid_thw"], return_dict=True
+    ).pooler_output)
+
+
 def pretrain_vision(model_dir: Path, task: ClevrSynth, steps: int, seed: int, batch_size: int = 32) -> float:
     """Train the vision tower and projector for ``steps`` batches through a linear probe that names
     each grid cell's content (one merged image token per cell), and save them back; the probe is
@@ -129,7 +147,6 @@ def pretrain_vision(model_dir: Path, task: ClevrSynth, steps: int, seed: int, ba
 
     from r3v.demo.corpus import CELL_CLASSES, cell_labels
     from r3v.models.loading import load_model
-    from r3v.tasks.clevr_synth import render
 
     torch.manual_seed(seed)
     loaded = load_model(str(model_dir))
@@ -141,10 +158,7 @@ def pretrain_vision(model_dir: Path, task: ClevrSynth, steps: int, seed: int, ba
     recent: list[float] = []
     for step in range(steps):
         scenes = [task.scene("pretrain", (step * batch_size + j) % pool) for j in range(batch_size)]
-        encoded = image_processor([render(scene) for scene in scenes], return_tensors="pt")
-        features = torch.cat(model.get_image_features(
-            pixel_values=encoded["pixel_values"], image_grid_thw=encoded["image_grid_thw"], return_dict=True
-        ).pooler_output)
+        features = scene_features(model, image_processor, scenes)
         labels = torch.tensor([cell_labels(scene) for scene in scenes]).flatten()
         logits = probe(features)
         loss = torch.nn.functional.cross_entropy(logits, labels)

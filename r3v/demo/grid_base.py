@@ -119,8 +119,9 @@ def pretrain_vision(model_dir: Path, task: GridCount, steps: int, seed: int, bat
     what is where. Returns the probes' accuracy over the last 10 batches."""
     import torch
 
+    from r3v.demo.base_model import scene_features
     from r3v.models.loading import load_model
-    from r3v.tasks.clevr_synth import GRID, render
+    from r3v.tasks.clevr_synth import GRID
 
     torch.manual_seed(seed)
     loaded = load_model(str(model_dir))
@@ -136,10 +137,7 @@ def pretrain_vision(model_dir: Path, task: GridCount, steps: int, seed: int, bat
     recent: dict[str, list[float]] = {name: [] for name in heads}
     for step in range(steps):
         scenes = [task.scene("pretrain", (step * batch_size + j) % pool) for j in range(batch_size)]
-        encoded = image_processor([render(scene) for scene in scenes], return_tensors="pt")
-        features = torch.cat(model.get_image_features(
-            pixel_values=encoded["pixel_values"], image_grid_thw=encoded["image_grid_thw"], return_dict=True
-        ).pooler_output)
+        features = scene_features(model, image_processor, scenes)
         labels = {
             "content": torch.tensor([classes.index(cell_name(scene, i)) for scene in scenes for i in range(GRID * GRID)]),
             "row": (positions // GRID).repeat(batch_size),
@@ -188,6 +186,7 @@ def train_language_model(model_dir: Path, items: list[TrainItem], examples: list
                          learning_rate: float, recipe: dict[str, Any], out: Path) -> tuple[Path, Any]:
     """Full fine-tuning of the language model (image path frozen); the result's files go to ``out``
     with the tokenizer and processor files of ``model_dir``."""
+    from r3v.demo.base_model import collect_model_files
     from r3v.models.presets import tiny_preset
     from r3v.train import train
 
@@ -199,12 +198,7 @@ def train_language_model(model_dir: Path, items: list[TrainItem], examples: list
     config.seed = recipe["seed"]
     config.freeze_vision_tower = config.freeze_projector = True
     result = train(str(model_dir), items, {ex.id: ex for ex in examples}, config, out / "trained", resume=False)
-    for file in Path(result.output_path).iterdir():
-        if file.is_file() and not file.name.startswith(("r3v_train", "training_args", "trainer_state")):
-            shutil.copy2(file, out / file.name)
-    for file in model_dir.iterdir():
-        if file.is_file() and not (out / file.name).exists():
-            shutil.copy2(file, out / file.name)
+    collect_model_files(Path(result.output_path), model_dir, out)
     shutil.rmtree(out / "trained")
     return out, result
 
@@ -212,7 +206,7 @@ def train_language_model(model_dir: Path, items: list[TrainItem], examples: list
 def build_base_model(out: str | Path, **overrides: Any) -> Path:
     """Build the base model into ``out`` (atomically: a temp folder, then a rename)."""
     from r3v.demo.base_model import calibrate_projector
-    from r3v.tasks.grid_count import GridCount
+    from r3v.tasks.grid_count import SPLIT_SIZES, GridCount
 
     recipe = {**RECIPE, **overrides}
     out = Path(out)
@@ -220,7 +214,7 @@ def build_base_model(out: str | Path, **overrides: Any) -> Path:
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         needed = max(recipe["description_items"], recipe["refresher_items"] + recipe["qa_items"] + recipe["cot_items"])
-        task = GridCount(sizes={"pretrain": max(task_pretrain_size(), needed)})
+        task = GridCount(sizes={"pretrain": max(SPLIT_SIZES["pretrain"], needed)})
         examples = task.load("pretrain")
         scratch = build_scratch(work / "scratch", recipe)
         probe = pretrain_vision(scratch, task, steps=recipe["vision_steps"], seed=recipe["seed"])
@@ -242,12 +236,6 @@ def build_base_model(out: str | Path, **overrides: Any) -> Path:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out
-
-
-def task_pretrain_size() -> int:
-    from r3v.tasks.grid_count import SPLIT_SIZES
-
-    return SPLIT_SIZES["pretrain"]
 
 
 def main() -> None:
