@@ -142,6 +142,7 @@ def read_run(run_dir: Path, model_paths: dict[str, str] | None = None) -> dict:
         "check_equations": build.get("check_equations", False),
         "check_steps": build.get("check_steps", False),
         "select_sizes": build.get("select_sizes", [3]),
+        "select_sizes_per_question": build.get("select_sizes_per_question", 0),
         # `r3v bench --n 7 --n-ladder 1,3,5,7 --out RUN_DIR/bench` on the last model, where it was run
         "selection_ladder": selection_ladder(run_dir / "bench" / "results.json"),
         "test_accuracy_by_iteration": accuracy,
@@ -190,6 +191,8 @@ def markdown(runs: list[dict], machine: dict) -> str:
         objectives += "" if run.get("from_base", True) else ", continue"
         sizes = run.get("select_sizes", [3])
         objectives += f", select on {sizes[0]}-{sizes[-1]}" if "select" in run["objectives"] and sizes != [3] else ""
+        drawn = run.get("select_sizes_per_question", 0)
+        objectives += f" ({drawn} drawn per question)" if "select" in run["objectives"] and drawn else ""
         rates = f"{run['temperature']:g} / {run['learning_rate']:g}" if "temperature" in run else "-"
         lines.append(f"| {run['run']} | {run.get('task', 'clevr-synth')} | {run['task_args'].get('seed', 0)} "
                      f"| {run['train_questions']} / {run['test_questions']} | {run['epochs']:g} | {rates} "

@@ -153,6 +153,17 @@ def select_sets(correct: Sequence[Sample], wrong: Sequence[Sample], size: int) -
     return sets
 
 
+def select_sizes_for(example: Example, config: BuildConfig, iteration: int) -> tuple[int, ...]:
+    """The candidate-set sizes one question trains on this iteration: every size, or with
+    ``select_sizes_per_question`` that many drawn (seeded per question and iteration), in order."""
+    if not config.select_sizes_per_question:
+        return tuple(config.select_sizes)
+    drawn = seeded_rng(config.seed, example.id, iteration, "select_sizes").sample(
+        list(config.select_sizes), config.select_sizes_per_question
+    )
+    return tuple(sorted(drawn))
+
+
 def self_select_items(
     task: Task,
     example: Example,
@@ -163,7 +174,7 @@ def self_select_items(
     stats: Counter | None = None,
 ) -> list[TrainItem]:
     items = []
-    for size in config.select_sizes:
+    for size in select_sizes_for(example, config, iteration):
         for rule, (chosen_correct, chosen_wrong) in enumerate(select_sets(correct, wrong, size)[: config.select_per_size]):
             candidates = [*chosen_correct, *chosen_wrong]
             # The position of the right answer must carry no signal: shuffle, seeded per set.

@@ -191,6 +191,10 @@ class BuildConfig:
     select_sizes: tuple[int, ...] = (3,)
     #: Select items per question and size: at most one "mostly correct" and one "mostly wrong" set.
     select_per_size: int = 2
+    #: Sizes drawn per question and iteration (seeded) from ``select_sizes``; 0 takes every size.
+    #: 1 keeps the self-select share of the mixture at one size's while every size is still trained
+    #: across questions (all five sizes of 2 to 6 would bring five times the items).
+    select_sizes_per_question: int = 0
     #: "answer": the gold answer line (``Answer: X``, default; the official TabMWP and GeoQA code);
     #: "value": the bare gold value (the official ChartQA and CLEVR-Math code); "solution": the
     #: chosen sample's text (the paper's figure).
@@ -223,6 +227,11 @@ class BuildConfig:
             raise ValueError(f"select_sizes must be between 2 and 6 candidates, got {self.select_sizes}")
         if self.select_per_size not in (1, 2):
             raise ValueError("select_per_size must be 1 or 2")
+        if not 0 <= self.select_sizes_per_question <= len(self.select_sizes):
+            raise ValueError(
+                f"select_sizes_per_question must be 0 (every size) to {len(self.select_sizes)} "
+                f"(the number of select_sizes), got {self.select_sizes_per_question}"
+            )
         if self.rationale_min_chars < 0:
             raise ValueError(f"rationale_min_chars must be >= 0, got {self.rationale_min_chars}")
 
@@ -241,6 +250,7 @@ class BuildConfig:
             "self_select": self.self_select,
             "select_sizes": list(self.select_sizes),
             "select_per_size": self.select_per_size,
+            "select_sizes_per_question": self.select_sizes_per_question,
             "select_target": self.select_target,
             "rationale_min_chars": self.rationale_min_chars,
             "drop_answer_first": self.drop_answer_first,

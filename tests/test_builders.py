@@ -160,6 +160,28 @@ def test_select_sizes_need_enough_candidates():
     assert result.counts["select"] == 2
 
 
+def test_one_drawn_size_per_question_covers_every_size_at_one_sizes_share():
+    examples = [example(i) for i in range(60)]
+    pool = [s for ex in examples for s in (*(right(ex, f"c{k}", 1, k) for k in range(5)),
+                                            *(wrong(ex, f"w{k}", 2, k) for k in range(5)))]
+    sizes = (2, 3, 4, 5, 6)
+    every = build_self_items(TASK, examples, pool, BuildConfig(select_sizes=sizes), 3)
+    drawn = build_self_items(TASK, examples, pool, BuildConfig(select_sizes=sizes, select_sizes_per_question=1), 3)
+    # every size gives 2 sets a question except size 2 (one 1+1 set): 9 a question; one size gives 1-2
+    assert every.counts["select"] == 9 * len(examples)
+    assert len(examples) <= drawn.counts["select"] <= 2 * len(examples)
+    for ex in examples:  # each question's select items share one candidate count
+        shown = {len(candidates_in(i.prompt, pool)) for i in drawn.items if i.kind == "select" and i.example_id == ex.id}
+        assert len(shown) == 1
+    assert all(drawn.stats[f"select_size_{s}"] > 0 for s in sizes)  # 60 draws reach all five sizes
+    again = build_self_items(TASK, examples, pool, BuildConfig(select_sizes=sizes, select_sizes_per_question=1), 3)
+    assert [i.prompt for i in again.items] == [i.prompt for i in drawn.items]  # seeded
+    next_iteration = build_self_items(TASK, examples, pool, BuildConfig(select_sizes=sizes, select_sizes_per_question=1), 4)
+    assert [i.prompt for i in next_iteration.items if i.kind == "select"] != [i.prompt for i in drawn.items if i.kind == "select"]
+    with pytest.raises(ValueError, match="select_sizes_per_question must be 0 .every size. to 5"):
+        BuildConfig(select_sizes=sizes, select_sizes_per_question=6)
+
+
 def test_select_sets_pick_newest_first():
     ex = example()
     correct = [right(ex, f"c{i}", 1, i) for i in range(3)]

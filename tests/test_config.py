@@ -31,9 +31,11 @@ def test_the_demo_config_is_what_r3v_train_runs_with_no_options():
     assert (demo.model, demo.task.name, demo.iterations, demo.sampling.n) == ("r3v-clevr-base", "clevr-synth", 3, 3)
     # the built-in model's folder recommends its own limit and preset (r3v/assets/r3v-clevr-base/r3v.json)
     assert (demo.sampling.max_new_tokens, demo.train_preset) == (64, "tiny")
-    assert demo.build.select_sizes == (2, 3, 4, 5, 6)  # chosen on the dev datasets
+    # chosen on the dev datasets
+    assert (demo.build.select_sizes, demo.build.select_sizes_per_question) == ((2, 3, 4, 5, 6), 1)
     # a recommendation, not a default: other models train R3V's sets of 3
     assert resolve_config({"model": "Qwen/Qwen2-VL-7B-Instruct"}).build.select_sizes == (3,)
+    assert resolve_config({"model": "Qwen/Qwen2-VL-7B-Instruct"}).build.select_sizes_per_question == 0
     assert resolve_config({"model": "Qwen/Qwen2-VL-7B-Instruct"}).sampling.max_new_tokens == 384
 
 

@@ -250,7 +250,9 @@ def test_dev_runs_script_records_a_finished_run(finished_run):
     assert run["train_questions"] == 8 and run["epochs"] == 1
     from r3v.loop import resolve_config
 
-    assert run["select_sizes"] == list(resolve_config({"model": "r3v-clevr-base"}).build.select_sizes)
+    demo_build = resolve_config({"model": "r3v-clevr-base"}).build
+    assert run["select_sizes"] == list(demo_build.select_sizes)
+    assert run["select_sizes_per_question"] == demo_build.select_sizes_per_question
     assert run["selection_ladder"] is None  # not benched
     from r3v.models.loading import resolve_model
 
@@ -258,7 +260,7 @@ def test_dev_runs_script_records_a_finished_run(finished_run):
     table = dev_runs.markdown([run], {"date": "d", "cpu": "c", "cores": 2})
     rates = f"{run['temperature']:g} / {run['learning_rate']:g}"
     row = next(line for line in table.splitlines()
-               if line.startswith(f"| {out.name} | clevr-synth | 0 | 8 / 4 | 1 | {rates} | cot+refine+select, select on 2-6 |"))
+               if line.startswith(f"| {out.name} | clevr-synth | 0 | 8 / 4 | 1 | {rates} | cot+refine+select, select on 2-6 (1 drawn per question) |"))
     assert " → ".join(f"{value:.3f}" for value in run["test_accuracy_by_iteration"]) in row
     # inside the rationales: the greedy test answers of the first and the last iteration
     from r3v.builders import equations_hold

@@ -38,9 +38,10 @@ RECIPE = {"seed": 0, "qa_items": 2000, "cot_items": 150, "description_scenes": 4
           "learning_rate": 3e-3, "batch_size": 32, "calibration_images": 64, "vision_steps": 400,
           "arithmetic_items": 3000}
 #: What the model recommends for an ``r3v train`` run (its ``r3v.json``, see ``r3v.models.presets``):
-#: the built-in models' settings, and self-select trained on sets of 2 to 6 candidates, which on the
-#: dev datasets made self-select gain more over one sample as N grew (benchmarks/README.md, "Dev runs").
-SETTINGS = {**BUILT_IN_SETTINGS, "build": {"select_sizes": [2, 3, 4, 5, 6]}}
+#: the built-in models' settings, and self-select trained on sets of 2 to 6 candidates, one size drawn
+#: per question, which on the dev datasets made self-select gain most over one sample as N grew
+#: (benchmarks/README.md, "The demo's self-select sets").
+SETTINGS = {**BUILT_IN_SETTINGS, "build": {"select_sizes": [2, 3, 4, 5, 6], "select_sizes_per_question": 1}}
 #: Bump when the recipe or clevr-synth changes, so cached builds are not reused.
 VERSION = 6
 
