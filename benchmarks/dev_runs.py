@@ -86,8 +86,24 @@ def steps_hold(iteration_dir: Path, task_name: str, task_args: dict) -> dict:
         rows = [r for r in rows if r["correct"] or not only_correct]
         return round(sum(bool(task.check_steps(r["text"], examples[r["example_id"]])) for r in rows) / len(rows), 4) if rows else None
 
-    return {"test_steps_hold": share(iteration_dir / "eval" / "greedy.jsonl", "test", only_correct=False),
-            "positives_steps_hold": share(iteration_dir / "samples.jsonl", "train", only_correct=True)}
+    found = {"test_steps_hold": share(iteration_dir / "eval" / "greedy.jsonl", "test", only_correct=False),
+             "positives_steps_hold": share(iteration_dir / "samples.jsonl", "train", only_correct=True)}
+    return found | step_parts(iteration_dir / "eval" / "greedy.jsonl", task_name, task_args)
+
+
+def step_parts(path: Path, task_name: str, task_args: dict) -> dict:
+    """Over every step written in the greedy test answers, the share read right, counted right (for
+    what the step read) and summed right, for a task that judges steps one by one (``step_outcomes``,
+    grid-count); empty otherwise. It says which kind of step keeps a rationale from holding."""
+    task, examples = task_with_examples(task_name, json.dumps(task_args, sort_keys=True), "test")
+    if not hasattr(task, "step_outcomes") or not path.exists():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    outcomes = [step for r in rows for step in task.step_outcomes(r["text"], examples[r["example_id"]]) or []]
+    if not outcomes:
+        return {}
+    return {f"test_steps_{part}": round(sum(getattr(step, part) for step in outcomes) / len(outcomes), 4)
+            for part in ("read", "counted", "summed")}
 
 
 def selection_ladder(results: Path) -> dict | None:
@@ -199,6 +215,14 @@ def markdown(runs: list[dict], machine: dict) -> str:
                      f"| {objectives} | {(run['base_sha256'] or '?')[:12]} | {accuracy} | {gain} | {selection} "
                      f"| {inside(run, 'test_equations_right')} | {inside(run, 'test_rationales_faithful')} "
                      f"| {inside(run, 'test_steps_hold')} |")
+    parted = [run for run in runs if any("test_steps_read" in shares for shares in run.get("rationales", {}).values())]
+    if parted:
+        lines += ["", "Which kind of step fails, over every step written in the greedy test rationales (iteration 0 "
+                  "and the last; `step_outcomes`): the row read right, counted right for what the step read, and "
+                  "the running total summed right from the step's own numbers.", "",
+                  "| run | read right | counted right | summed right |", "| --- | --- | --- | --- |"]
+        lines += [f"| {run['run']} | {inside(run, 'test_steps_read')} | {inside(run, 'test_steps_counted')} "
+                  f"| {inside(run, 'test_steps_summed')} |" for run in parted]
     if laddered:
         ks = sorted({int(k) for run in laddered for k in run["selection_ladder"]})
         lines += ["", "Test-time selection with the last model of the runs above that were benched (`r3v bench --n 7 "

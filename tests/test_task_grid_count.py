@@ -121,6 +121,41 @@ def test_step_checker_accepts_right_steps_and_rejects_each_kind_of_wrong_step(in
     assert not task.check_steps(f"Answer: {example.answer}", example)
 
 
+@pytest.mark.parametrize("index", range(6))
+def test_step_outcomes_name_the_kind_of_step_that_fails(index):
+    """A misread row, a miscount of what the step itself read, and a wrong sum each fail only
+    their own part; a miscount of a misread row that is right for what was written counts as counted."""
+    task = GridCount()
+    example = task.example("test", index)
+    teacher = task.teacher_rationale(example)
+    cells = read_cells(example.images[0])
+    color, noun = QUESTION.fullmatch(example.question).groups()
+    first_row = cells[:GRID]
+    count = sum(matches(cell, color, noun) for cell in first_row)
+
+    def first_step(text):
+        outcome = task.step_outcomes(text, example)[0]
+        return outcome.read, outcome.counted, outcome.summed
+
+    assert [(o.row, o.read, o.counted, o.summed) for o in task.step_outcomes(teacher, example)] == [
+        (row, True, True, True) for row in range(1, GRID + 1)]
+    miscounted = _replace_step(teacher, 0, f"Row 1: {', '.join(first_row)}; {count + 1}, total {count + 1}.")
+    assert first_step(miscounted) == (True, False, True)
+    missummed = _replace_step(teacher, 0, f"Row 1: {', '.join(first_row)}; {count}, total {count + 1}.")
+    assert first_step(missummed) == (True, True, False)
+    # an object the question asks about read as empty, and counted as what was written
+    asked = next((i for i, cell in enumerate(first_row) if matches(cell, color, noun)), None)
+    if asked is not None:
+        misread = list(first_row)
+        misread[asked] = "empty"
+        text = _replace_step(teacher, 0, f"Row 1: {', '.join(misread)}; {count - 1}, total {count - 1}.")
+        assert first_step(text) == (False, True, True)
+        assert not task.check_steps(text, example)
+    from r3v.tasks.clevr_synth import ClevrSynth
+
+    assert task.step_outcomes(teacher, ClevrSynth().example("test", index)) is None  # not this task's scene
+
+
 def test_a_right_answer_with_a_wrong_step_is_not_accepted():
     """The point of checking steps: a rationale can reach the gold answer through two errors that
     cancel, and the final-answer metric counts it right."""

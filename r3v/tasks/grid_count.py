@@ -100,6 +100,19 @@ class Query:
         return cls(color=match.group(1), shape=None if noun == "objects" else noun[:-1])
 
 
+@dataclass(frozen=True)
+class StepOutcome:
+    """One written step judged on its own, so a diagnosis can say which kind of step fails."""
+
+    row: int
+    #: The row's cells, left to right, are the scene's.
+    read: bool
+    #: The count is right for the cells the step itself wrote (right or misread).
+    counted: bool
+    #: The total is the previous step's total (0 before the first) plus this step's count.
+    summed: bool
+
+
 def make_scene(rng: random.Random) -> Scene:
     n = rng.randint(MIN_OBJECTS, MAX_OBJECTS)
     cells = sorted(rng.sample(range(GRID * GRID), n))
@@ -175,21 +188,37 @@ class GridCount(SeededTask):
         new_answer, steps = query.solve(edited)
         return self.edited(example, render(edited), new_answer, steps, query.template)
 
+    def step_outcomes(self, text: str, example: Example) -> list[StepOutcome] | None:
+        """Each written step of a rationale judged on its own (see ``StepOutcome``), in the order
+        written; None for a scene this task did not make."""
+        found = self._found(example)
+        if found is None:
+            return None
+        scene, query = found
+        outcomes, previous_total = [], 0
+        for row, held, count, total in parse_steps(text):
+            cells = [cell.split() for cell in held.split(", ")]
+            own_count = sum(len(cell) == 2 and cell[0] in COLORS and cell[1] in SHAPES and query.matches(*cell) for cell in cells)
+            outcomes.append(StepOutcome(
+                row=row,
+                read=1 <= row <= GRID and held == row_text(scene, row - 1),
+                counted=count == own_count,
+                summed=total == previous_total + count,
+            ))
+            previous_total = total
+        return outcomes
+
     def check_steps(self, text: str, example: Example) -> bool:
         """Whether every step of a rationale holds in the example's scene: it walks rows 1 to 4 in
         order, each row's objects are the scene's (left to right), its count of the objects asked
         about is right, each running total is the true one, and an answer line, if any, gives the
         last total. A rationale with no step (or about a scene this task
         did not make) is not accepted: a right answer alone proves nothing about the reasoning."""
-        found = self._found(example)
-        steps = parse_steps(text)
-        if found is None or [step[0] for step in steps] != list(range(1, GRID + 1)):
+        outcomes = self.step_outcomes(text, example)
+        if outcomes is None or [step.row for step in outcomes] != list(range(1, GRID + 1)):
             return False
-        scene, query = found
-        total = 0
-        for row, ((_, held, count, claimed_total), true_count) in enumerate(zip(steps, query.row_counts(scene), strict=True)):
-            total += true_count
-            if held != row_text(scene, row) or count != true_count or claimed_total != total:
-                return False
+        # rows 1 to 4 each read, counted and added right make every count and total the true one
+        if not all(step.read and step.counted and step.summed for step in outcomes):
+            return False
         answer = _ANSWER_INT.search(text)
-        return answer is None or int(answer.group(1)) == total
+        return answer is None or int(answer.group(1)) == parse_steps(text)[-1][3]
