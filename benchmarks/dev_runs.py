@@ -17,6 +17,7 @@ import hashlib
 import json
 import re
 import sys
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,8 +103,12 @@ def step_parts(path: Path, task_name: str, task_args: dict) -> dict:
     outcomes = [step for r in rows for step in task.step_outcomes(r["text"], examples[r["example_id"]]) or []]
     if not outcomes:
         return {}
-    return {f"test_steps_{part}": round(sum(getattr(step, part) for step in outcomes) / len(outcomes), 4)
-            for part in ("read", "counted", "summed")}
+    shares = {f"test_steps_{part}": round(sum(getattr(step, part) for step in outcomes) / len(outcomes), 4)
+              for part in ("read", "counted", "summed")}
+    # the bar for "counted": what always writing the commonest right count would score
+    right_counts = Counter(step.right_count for step in outcomes if step.right_count is not None)
+    shares["test_steps_commonest_count"] = round(max(right_counts.values()) / len(outcomes), 4) if right_counts else None
+    return shares
 
 
 def selection_ladder(results: Path) -> dict | None:
@@ -219,10 +224,12 @@ def markdown(runs: list[dict], machine: dict) -> str:
     if parted:
         lines += ["", "Which kind of step fails, over every step written in the greedy test rationales (iteration 0 "
                   "and the last; `step_outcomes`): the row read right, counted right for what the step read, and "
-                  "the running total summed right from the step's own numbers.", "",
-                  "| run | read right | counted right | summed right |", "| --- | --- | --- | --- |"]
+                  "the running total summed right from the step's own numbers; and what always writing the "
+                  "commonest right count would score on the same steps.", "",
+                  "| run | read right | counted right | always the commonest count | summed right |",
+                  "| --- | --- | --- | --- | --- |"]
         lines += [f"| {run['run']} | {inside(run, 'test_steps_read')} | {inside(run, 'test_steps_counted')} "
-                  f"| {inside(run, 'test_steps_summed')} |" for run in parted]
+                  f"| {inside(run, 'test_steps_commonest_count')} | {inside(run, 'test_steps_summed')} |" for run in parted]
     if laddered:
         ks = sorted({int(k) for run in laddered for k in run["selection_ladder"]})
         lines += ["", "Test-time selection with the last model of the runs above that were benched (`r3v bench --n 7 "

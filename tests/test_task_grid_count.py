@@ -139,6 +139,8 @@ def test_step_outcomes_name_the_kind_of_step_that_fails(index):
 
     assert [(o.row, o.read, o.counted, o.summed) for o in task.step_outcomes(teacher, example)] == [
         (row, True, True, True) for row in range(1, GRID + 1)]
+    assert [o.right_count for o in task.step_outcomes(teacher, example)] == [
+        sum(matches(cell, color, noun) for cell in cells[row * GRID:(row + 1) * GRID]) for row in range(GRID)]
     miscounted = _replace_step(teacher, 0, f"Row 1: {', '.join(first_row)}; {count + 1}, total {count + 1}.")
     assert first_step(miscounted) == (True, False, True)
     missummed = _replace_step(teacher, 0, f"Row 1: {', '.join(first_row)}; {count}, total {count + 1}.")

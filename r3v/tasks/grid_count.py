@@ -111,6 +111,8 @@ class StepOutcome:
     counted: bool
     #: The total is the previous step's total (0 before the first) plus this step's count.
     summed: bool
+    #: How many asked-for objects the row truly holds (None for a row number outside the grid).
+    right_count: int | None = None
 
 
 def make_scene(rng: random.Random) -> Scene:
@@ -195,7 +197,7 @@ class GridCount(SeededTask):
         if found is None:
             return None
         scene, query = found
-        outcomes, previous_total = [], 0
+        outcomes, previous_total, right_counts = [], 0, query.row_counts(scene)
         for row, held, count, total in parse_steps(text):
             cells = [cell.split() for cell in held.split(", ")]
             own_count = sum(len(cell) == 2 and cell[0] in COLORS and cell[1] in SHAPES and query.matches(*cell) for cell in cells)
@@ -204,6 +206,7 @@ class GridCount(SeededTask):
                 read=1 <= row <= GRID and held == row_text(scene, row - 1),
                 counted=count == own_count,
                 summed=total == previous_total + count,
+                right_count=right_counts[row - 1] if 1 <= row <= GRID else None,
             ))
             previous_total = total
         return outcomes
