@@ -204,3 +204,31 @@ def test_probes_get_their_gold_from_the_edited_or_swapped_image():
         differing = sum(a != b for a, b in zip(read_cells(example.images[0]), read_cells(edit.images[0]), strict=True))
         assert differing == 1
     assert edited_any >= 25
+
+
+def test_the_binding_probe_asks_right_answers_and_sets_its_bar_at_the_commoner_one(tmp_path):
+    """benchmarks/grid_binding.py: each item's answer is what the question's own wording says about
+    the object (read here with this file's pattern), and a probe's bar is the commoner answer."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "grid_binding.py"
+    spec = importlib.util.spec_from_file_location("grid_binding", path)
+    grid_binding = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(grid_binding)
+    items = grid_binding.binding_items(300, seed=5)
+    assert items == grid_binding.binding_items(300, seed=5) != grid_binding.binding_items(300, seed=6)
+    for template, prompt, answer in items:
+        question, asked = prompt.split("\n")
+        color, noun = QUESTION.fullmatch(question).groups()
+        cell = re.fullmatch(r"Is a (\w+ \w+) one\?", asked).group(1)
+        assert answer == ("yes" if matches(cell, color, noun) else "no"), prompt
+        assert template == ("colour-shape" if color and noun != "objects" else "colour" if color else "shape")
+    assert {t for t, _, _ in items} == {"colour", "shape", "colour-shape"}
+    assert 0.2 < sum(a == "yes" for _, _, a in items) / len(items) < 0.5
+    held_out = items[:40]
+    result = grid_binding.probe("2x64", items[40:104], held_out, epochs=1.0, learning_rate=5e-4, work=tmp_path)
+    answers = Counter(a for _, _, a in held_out)
+    assert result["commoner_answer"] == round(answers.most_common(1)[0][1] / 40, 4)
+    assert result["steps"] == 2 and 0.0 <= result["accuracy"] <= 1.0 and 0.0 <= result["said_yes"] <= 1.0
+    assert sum(part["items"] for part in result["by_template"].values()) == 40
