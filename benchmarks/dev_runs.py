@@ -79,27 +79,34 @@ def steps_hold(iteration_dir: Path, task_name: str, task_args: dict) -> dict:
     """The share of rationales whose every step the task's own checker accepts (``check_steps``), over
     the greedy test answers and over the positives; None for a task without a checker."""
 
-    def share(path: Path, split: str, only_correct: bool) -> float | None:
-        task, examples = task_with_examples(task_name, json.dumps(task_args, sort_keys=True), split)
-        if task.check_steps is None or not path.exists():
+    args_json = json.dumps(task_args, sort_keys=True)
+    greedy = read_samples(iteration_dir / "eval" / "greedy.jsonl")
+
+    def share(rows: list[dict] | None, split: str, only_correct: bool) -> float | None:
+        task, examples = task_with_examples(task_name, args_json, split)
+        if task.check_steps is None or rows is None:
             return None
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         rows = [r for r in rows if r["correct"] or not only_correct]
         return round(sum(bool(task.check_steps(r["text"], examples[r["example_id"]])) for r in rows) / len(rows), 4) if rows else None
 
-    found = {"test_steps_hold": share(iteration_dir / "eval" / "greedy.jsonl", "test", only_correct=False),
-             "positives_steps_hold": share(iteration_dir / "samples.jsonl", "train", only_correct=True)}
-    return found | step_parts(iteration_dir / "eval" / "greedy.jsonl", task_name, task_args)
+    found = {"test_steps_hold": share(greedy, "test", only_correct=False),
+             "positives_steps_hold": share(read_samples(iteration_dir / "samples.jsonl"), "train", only_correct=True)}
+    return found | step_parts(greedy, *task_with_examples(task_name, args_json, "test"))
 
 
-def step_parts(path: Path, task_name: str, task_args: dict) -> dict:
+def read_samples(path: Path) -> list[dict] | None:
+    """The samples of a store file, or None where the run wrote none."""
+    if not path.exists():
+        return None
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def step_parts(rows: list[dict] | None, task, examples: dict) -> dict:
     """Over every step written in the greedy test answers, the share read right, counted right (for
     what the step read) and summed right, for a task that judges steps one by one (``step_outcomes``,
     grid-count); empty otherwise. It says which kind of step keeps a rationale from holding."""
-    task, examples = task_with_examples(task_name, json.dumps(task_args, sort_keys=True), "test")
-    if not hasattr(task, "step_outcomes") or not path.exists():
+    if not hasattr(task, "step_outcomes") or rows is None:
         return {}
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     outcomes = [step for r in rows for step in task.step_outcomes(r["text"], examples[r["example_id"]]) or []]
     if not outcomes:
         return {}

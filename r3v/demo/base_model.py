@@ -22,6 +22,8 @@ import json
 import random
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -57,9 +59,7 @@ def build_base_model(out: str | Path, **overrides) -> Path:
 
     recipe = {**RECIPE, **overrides}
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with build_folder(out) as work:
         scratch = build_tiny_model("tiny-qwen2-vl", work / "scratch", seed=recipe["seed"])
         task = ClevrSynth()
         # The "pretrain" split is disjoint from the train and test splits the R3V loop uses.
@@ -85,16 +85,9 @@ def build_base_model(out: str | Path, **overrides) -> Path:
         final = work / "final"
         final.mkdir()
         collect_model_files(Path(result.output_path), scratch, final, leave_out=("r3v_tiny.json",))
-        (final / "r3v.json").write_text(json.dumps(SETTINGS))
-        (final / "r3v_base.json").write_text(
-            json.dumps({"name": NAME, "version": VERSION, "recipe": recipe, "vision_probe_cell_accuracy": round(cell_accuracy, 4),
-                        "train_losses": result.losses, "steps": result.steps}, indent=2)
-        )
-        if out.exists():
-            shutil.rmtree(out)
-        final.rename(out)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        publish_model(final, out, SETTINGS, {
+            "name": NAME, "version": VERSION, "recipe": recipe, "vision_probe_cell_accuracy": round(cell_accuracy, 4),
+            "train_losses": result.losses, "steps": result.steps})
     return out
 
 
@@ -114,6 +107,28 @@ def arithmetic_items(count: int, rng: random.Random) -> list[TrainItem]:
             equation = f"{a} + {b} = {a + b}"
         items.append(TrainItem("distill", f"arithmetic-{index}", f"What is {equation.split(' =')[0]}?", f"{equation}.", images=[]))
     return items
+
+
+@contextmanager
+def build_folder(out: Path) -> Iterator[Path]:
+    """A work folder beside ``out`` (same filesystem, so the finished model is renamed into place),
+    removed afterwards whether the build finished or not."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def publish_model(final: Path, out: Path, settings: dict[str, Any], record: dict[str, Any]) -> None:
+    """Write what the model recommends (``r3v.json``) and how it was built (``r3v_base.json``) into
+    the finished folder, then put it in place of ``out``."""
+    (final / "r3v.json").write_text(json.dumps(settings))
+    (final / "r3v_base.json").write_text(json.dumps(record, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    final.rename(out)
 
 
 def collect_model_files(trained: Path, source: Path, final: Path, leave_out: tuple[str, ...] = ()) -> None:

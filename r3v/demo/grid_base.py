@@ -25,10 +25,8 @@ torch thread, fixed seeds).
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -205,14 +203,12 @@ def train_language_model(model_dir: Path, items: list[TrainItem], examples: list
 
 def build_base_model(out: str | Path, **overrides: Any) -> Path:
     """Build the base model into ``out`` (atomically: a temp folder, then a rename)."""
-    from r3v.demo.base_model import calibrate_projector
+    from r3v.demo.base_model import build_folder, calibrate_projector, publish_model
     from r3v.tasks.grid_count import SPLIT_SIZES, GridCount
 
     recipe = {**RECIPE, **overrides}
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with build_folder(out) as work:
         needed = max(recipe["description_items"], recipe["refresher_items"] + recipe["qa_items"] + recipe["cot_items"])
         task = GridCount(sizes={"pretrain": max(SPLIT_SIZES["pretrain"], needed)})
         examples = task.load("pretrain")
@@ -225,16 +221,10 @@ def build_base_model(out: str | Path, **overrides: Any) -> Path:
         items = reasoning_items(task, examples, recipe)
         final, second = train_language_model(perceived, items, examples, recipe["reasoning_epochs"],
                                               recipe["reasoning_learning_rate"], recipe, work / "final")
-        (final / "r3v.json").write_text(json.dumps(SETTINGS))
-        (final / "r3v_base.json").write_text(json.dumps(
-            {"name": NAME, "version": VERSION, "recipe": recipe, "vision_probe_accuracy": probe,
-             "perception": {"items": recipe["description_items"], "train_losses": first.losses, "steps": first.steps},
-             "reasoning": {"items": len(items), "train_losses": second.losses, "steps": second.steps}}, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        final.rename(out)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        publish_model(final, out, SETTINGS, {
+            "name": NAME, "version": VERSION, "recipe": recipe, "vision_probe_accuracy": probe,
+            "perception": {"items": recipe["description_items"], "train_losses": first.losses, "steps": first.steps},
+            "reasoning": {"items": len(items), "train_losses": second.losses, "steps": second.steps}})
     return out
 
 
