@@ -102,8 +102,8 @@ def read_samples(path: Path) -> list[dict] | None:
 
 
 def step_parts(rows: list[dict] | None, task, examples: dict) -> dict:
-    """Over every step written in the greedy test answers, the share read right, counted right (for
-    what the step read) and summed right, for a task that judges steps one by one (``step_outcomes``,
+    """Over every step written in the greedy test answers, the share read right, marked right and
+    counted right (for what the step wrote) and summed right, for a task that judges steps one by one (``step_outcomes``,
     grid-count); empty otherwise. It says which kind of step keeps a rationale from holding."""
     if not hasattr(task, "step_outcomes") or rows is None:
         return {}
@@ -111,7 +111,7 @@ def step_parts(rows: list[dict] | None, task, examples: dict) -> dict:
     if not outcomes:
         return {}
     shares = {f"test_steps_{part}": round(sum(getattr(step, part) for step in outcomes) / len(outcomes), 4)
-              for part in ("read", "counted", "summed")}
+              for part in ("read", "marked", "counted", "summed")}
     # the bar for "counted": what always writing the commonest right count would score
     right_counts = Counter(step.right_count for step in outcomes if step.right_count is not None)
     shares["test_steps_commonest_count"] = round(max(right_counts.values()) / len(outcomes), 4) if right_counts else None
@@ -230,12 +230,15 @@ def markdown(runs: list[dict], machine: dict) -> str:
     parted = [run for run in runs if any("test_steps_read" in shares for shares in run.get("rationales", {}).values())]
     if parted:
         lines += ["", "Which kind of step fails, over every step written in the greedy test rationales (iteration 0 "
-                  "and the last; `step_outcomes`): the row read right, counted right for what the step read, and "
-                  "the running total summed right from the step's own numbers; and what always writing the "
-                  "commonest right count would score on the same steps.", "",
-                  "| run | read right | counted right | always the commonest count | summed right |",
-                  "| --- | --- | --- | --- | --- |"]
-        lines += [f"| {run['run']} | {inside(run, 'test_steps_read')} | {inside(run, 'test_steps_counted')} "
+                  "and the last; `step_outcomes`): the row read right, each object marked right (\"yes\" if asked "
+                  "about) and the row counted right for what the step wrote, and the running total summed right "
+                  "from the step's own numbers; and what always writing the commonest right count would score on "
+                  "the same steps. Runs without marks were recorded before grid-count's rationales marked each "
+                  "object (base weights other than the marked base's); their count was of the objects read.", "",
+                  "| run | read right | marked right | counted right | always the commonest count | summed right |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {run['run']} | {inside(run, 'test_steps_read')} | {inside(run, 'test_steps_marked')} "
+                  f"| {inside(run, 'test_steps_counted')} "
                   f"| {inside(run, 'test_steps_commonest_count')} | {inside(run, 'test_steps_summed')} |" for run in parted]
     if laddered:
         ks = sorted({int(k) for run in laddered for k in run["selection_ladder"]})

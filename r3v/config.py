@@ -278,7 +278,7 @@ class TaskConfig:
     """Which benchmark the loop trains and tests on, and how its data loads."""
 
     #: Registered task name (``r3v list``).
-    name: str = "clevr-synth"
+    name: str = "grid-count"
     #: Folder with the task's official files (tasks that are not built in).
     data_dir: str | None = None
     #: Options for the task (``--task-arg KEY=VALUE``), e.g. ``judge: r3v`` for geoqa.
@@ -397,7 +397,7 @@ class LoopConfig:
     """Everything an ``r3v train`` run is: the single source of its defaults."""
 
     #: Base model: hub id, local folder or built-in name. Every iteration trains from it by default.
-    model: str = "r3v-clevr-base"
+    model: str = "r3v-grid-base"
     #: The benchmark and its data.
     task: TaskConfig = field(default_factory=TaskConfig)
     #: Self-training iterations after the warm-up (iteration 0).

@@ -28,11 +28,16 @@ from r3v.records import Sampling
 def test_the_demo_config_is_what_r3v_train_runs_with_no_options():
     assert resolve_config(yaml.safe_load(config_file("demo").read_text())) == resolve_config()
     demo = resolve_config()
-    assert (demo.model, demo.task.name, demo.iterations, demo.sampling.n) == ("r3v-clevr-base", "clevr-synth", 3, 3)
-    # the built-in model's folder recommends its own limit and preset (r3v/assets/r3v-clevr-base/r3v.json)
-    assert (demo.sampling.max_new_tokens, demo.train_preset) == (64, "tiny")
-    # chosen on the dev datasets
-    assert (demo.build.select_sizes, demo.build.select_sizes_per_question) == ((2, 3, 4, 5, 6), 1)
+    assert (demo.model, demo.task.name, demo.iterations, demo.sampling.n) == ("r3v-grid-base", "grid-count", 3, 3)
+    # the built-in model's folder recommends its own limit, preset and (chosen on the dev datasets)
+    # rate schedule (r3v/assets/r3v-grid-base/r3v.json)
+    assert (demo.sampling.max_new_tokens, demo.train_preset, demo.train) == (160, "tiny", {"lr_scheduler": "cosine"})
+    assert (demo.build.select_sizes, demo.build.select_sizes_per_question) == ((3,), 0)
+    assert demo.train_config(named_preset(demo.train_preset)).lr_scheduler == "cosine"
+    # clevr-synth's base recommends its own self-select sets, also chosen on dev datasets
+    clevr = resolve_config({"model": "r3v-clevr-base", "task": {"name": "clevr-synth"}})
+    assert (clevr.build.select_sizes, clevr.build.select_sizes_per_question, clevr.sampling.max_new_tokens) == (
+        (2, 3, 4, 5, 6), 1, 64)
     # a recommendation, not a default: other models train R3V's sets of 3
     assert resolve_config({"model": "Qwen/Qwen2-VL-7B-Instruct"}).build.select_sizes == (3,)
     assert resolve_config({"model": "Qwen/Qwen2-VL-7B-Instruct"}).build.select_sizes_per_question == 0
@@ -58,7 +63,8 @@ def test_sections_start_from_the_loops_defaults_and_layers_apply_in_order():
     assert (config.build.self_cot, config.build.self_refine, config.build.self_select) == (True, False, False)
     layered = resolve_config({"iterations": 5, "train": {"epochs": 1}}, {"iterations": 2},
                              nested(*parse_override("train.learning_rate=1e-4")))
-    assert layered.iterations == 2 and layered.train == {"epochs": 1, "learning_rate": 1e-4}
+    # the built-in model's recommendation (a cosine decay) is kept beside the layers' keys
+    assert layered.iterations == 2 and layered.train == {"lr_scheduler": "cosine", "epochs": 1, "learning_rate": 1e-4}
     assert parse_override("build.select_sizes=[2,3,4]") == (["build", "select_sizes"], [2, 3, 4])
     assert parse_override("task.args.judge=r3v") == (["task", "args", "judge"], "r3v")
     # overrides of the trainer preset; an explicit accumulation drops the preset's global batch
@@ -80,7 +86,8 @@ def test_unknown_settings_are_named_with_the_known_ones():
 
 
 def test_the_config_round_trips_and_keeps_run_settings_stable():
-    config = resolve_config({"task": {"name": "clevr-synth", "args": {"seed": 1}}, "eval": {"samples": 5}})
+    config = resolve_config({"model": "r3v-clevr-base", "task": {"name": "clevr-synth", "args": {"seed": 1}},
+                             "eval": {"samples": 5}})
     assert from_mapping(LoopConfig, to_mapping(config)) == config
     settings = run_settings(config, config.train_config(named_preset("tiny")))
     # run.json's settings keep the flat shape earlier runs wrote, so they continue after an upgrade

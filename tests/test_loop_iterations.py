@@ -76,7 +76,8 @@ def runs(tmp_path_factory):
         for mode in ("--from-base", "--continue"):
             out = tmp_path_factory.mktemp("iterations") / mode.strip("-")
             result = CliRunner().invoke(main, [
-                "train", "--iterations", "3", "--model", "tiny-qwen2-vl", "--backend", NAME, "--train-limit", "2",
+                "train", "--iterations", "3", "--model", "tiny-qwen2-vl", "--task", "clevr-synth", "--backend", NAME,
+                "--train-limit", "2",
                 "--test-limit", "1", "--eval-samples", "0", "--teacher-count", "0", "--epochs", "1",
                 "--training-process", "inline", "--seed", "3", mode, "--out", str(out),
                 # no distilled CoT would start from the base model; this test follows trained models

@@ -1,8 +1,8 @@
 """grid-count: gold answers and step checks against what the rendered image shows.
 
 The oracle here reads each cell from the pixels (its centre colour; a square's corner is filled,
-a circle's is not) and parses the question with its own pattern, so neither ``Query`` nor
-``row_text`` is involved in what the task is checked against.
+a circle's is not) and parses the question with its own pattern, and writes each object's mark
+itself, so neither ``Query`` nor ``row_text`` is involved in what the task is checked against.
 """
 
 from __future__ import annotations
@@ -43,6 +43,12 @@ def matches(cell: str, color: str | None, noun: str) -> bool:
     return (color is None or cell_color == color) and (noun == "objects" or f"{shape}s" == noun)
 
 
+def marked(cells: list[str], color: str | None, noun: str) -> str:
+    """Cells as a step writes them: each object followed by "yes" if the question asks about it, else "no"."""
+    return ", ".join(cell if cell == "empty" else f"{cell} {'yes' if matches(cell, color, noun) else 'no'}"
+                     for cell in cells)
+
+
 def oracle_rationale(question: str, image) -> tuple[str, int]:
     """The row-by-row rationale and the answer, from the pixels and the question's wording."""
     color, noun = QUESTION.fullmatch(question).groups()
@@ -51,7 +57,7 @@ def oracle_rationale(question: str, image) -> tuple[str, int]:
         held = cells[row * GRID:(row + 1) * GRID]
         count = sum(matches(cell, color, noun) for cell in held)
         total += count
-        steps.append(f"Row {row + 1}: {', '.join(held)}; {count}, total {total}.")
+        steps.append(f"Row {row + 1}: {marked(held, color, noun)}; {count}, total {total}.")
     return " ".join(steps), total
 
 
@@ -97,21 +103,26 @@ def test_step_checker_accepts_right_steps_and_rejects_each_kind_of_wrong_step(in
     cells = read_cells(example.images[0])
     color, noun = QUESTION.fullmatch(example.question).groups()
     first_row = cells[:GRID]
+    row_one = marked(first_row, color, noun)
     count = sum(matches(cell, color, noun) for cell in first_row)
     # a misread cell: an empty cell read as an object, or an object read as empty
     misread = list(first_row)
     misread[0] = "empty" if misread[0] != "empty" else "blue circle"
-    assert not task.check_steps(_replace_step(teacher, 0, f"Row 1: {', '.join(misread)}; {count}, total {count}."), example)
+    misread_count = sum(matches(cell, color, noun) for cell in misread)
+    text = f"Row 1: {marked(misread, color, noun)}; {misread_count}, total {misread_count}."
+    assert not task.check_steps(_replace_step(teacher, 0, text), example)
     # the row read right but counted wrong, the running total carried on consistently from there
-    wrong = _replace_step(teacher, 0, f"Row 1: {', '.join(first_row)}; {count + 1}, total {count + 1}.")
+    wrong = _replace_step(teacher, 0, f"Row 1: {row_one}; {count + 1}, total {count + 1}.")
     assert not task.check_steps(wrong, example)
     # a row count that disagrees with its row, though the running total is right
-    assert not task.check_steps(_replace_step(teacher, 0, f"Row 1: {', '.join(first_row)}; {count + 1}, total {count}."), example)
+    assert not task.check_steps(_replace_step(teacher, 0, f"Row 1: {row_one}; {count + 1}, total {count}."), example)
+    # the objects without their marks, though the row, its count and the total are right
+    assert not task.check_steps(_replace_step(teacher, 0, f"Row 1: {', '.join(first_row)}; {count}, total {count}."), example)
     # the right contents under a wrong row number
     assert not task.check_steps(teacher.replace("Row 2:", "Row 1:", 1), example)
     # a wrong sum: the last total off by one
     last = re.findall(r"Row 4: [^;]+; (\d+), total (\d+)\.", teacher)[0]
-    off = _replace_step(teacher, 3, f"Row 4: {', '.join(cells[12:])}; {last[0]}, total {int(last[1]) + 1}.")
+    off = _replace_step(teacher, 3, f"Row 4: {marked(cells[12:], color, noun)}; {last[0]}, total {int(last[1]) + 1}.")
     assert not task.check_steps(off, example)
     # an answer line that disagrees with the steps, a skipped row, rows out of order, no steps
     assert not task.check_steps(f"{teacher.rsplit(chr(10), 1)[0]}\nAnswer: {int(example.answer) + 1}", example)
@@ -123,35 +134,47 @@ def test_step_checker_accepts_right_steps_and_rejects_each_kind_of_wrong_step(in
 
 @pytest.mark.parametrize("index", range(6))
 def test_step_outcomes_name_the_kind_of_step_that_fails(index):
-    """A misread row, a miscount of what the step itself read, and a wrong sum each fail only
-    their own part; a miscount of a misread row that is right for what was written counts as counted."""
+    """A misread row, a wrong mark, a count that is not the number of "yes" written, and a wrong
+    sum each fail only their own part; a misread object marked and counted right for what was
+    written counts as marked and counted."""
     task = GridCount()
     example = task.example("test", index)
     teacher = task.teacher_rationale(example)
     cells = read_cells(example.images[0])
     color, noun = QUESTION.fullmatch(example.question).groups()
     first_row = cells[:GRID]
+    row_one = marked(first_row, color, noun)
     count = sum(matches(cell, color, noun) for cell in first_row)
 
     def first_step(text):
         outcome = task.step_outcomes(text, example)[0]
-        return outcome.read, outcome.counted, outcome.summed
+        return outcome.read, outcome.marked, outcome.counted, outcome.summed
 
-    assert [(o.row, o.read, o.counted, o.summed) for o in task.step_outcomes(teacher, example)] == [
-        (row, True, True, True) for row in range(1, GRID + 1)]
+    assert [(o.row, o.read, o.marked, o.counted, o.summed) for o in task.step_outcomes(teacher, example)] == [
+        (row, True, True, True, True) for row in range(1, GRID + 1)]
     assert [o.right_count for o in task.step_outcomes(teacher, example)] == [
         sum(matches(cell, color, noun) for cell in cells[row * GRID:(row + 1) * GRID]) for row in range(GRID)]
-    miscounted = _replace_step(teacher, 0, f"Row 1: {', '.join(first_row)}; {count + 1}, total {count + 1}.")
-    assert first_step(miscounted) == (True, False, True)
-    missummed = _replace_step(teacher, 0, f"Row 1: {', '.join(first_row)}; {count}, total {count + 1}.")
-    assert first_step(missummed) == (True, True, False)
-    # an object the question asks about read as empty, and counted as what was written
+    miscounted = _replace_step(teacher, 0, f"Row 1: {row_one}; {count + 1}, total {count + 1}.")
+    assert first_step(miscounted) == (True, True, False, True)
+    missummed = _replace_step(teacher, 0, f"Row 1: {row_one}; {count}, total {count + 1}.")
+    assert first_step(missummed) == (True, True, True, False)
+    # an object the question asks about read as empty, and marked and counted as what was written
     asked = next((i for i, cell in enumerate(first_row) if matches(cell, color, noun)), None)
     if asked is not None:
         misread = list(first_row)
         misread[asked] = "empty"
-        text = _replace_step(teacher, 0, f"Row 1: {', '.join(misread)}; {count - 1}, total {count - 1}.")
-        assert first_step(text) == (False, True, True)
+        text = _replace_step(teacher, 0, f"Row 1: {marked(misread, color, noun)}; {count - 1}, total {count - 1}.")
+        assert first_step(text) == (False, True, True, True)
+        assert not task.check_steps(text, example)
+    # an object's mark flipped, the count following the marks written: only the mark is wrong
+    present = next((i for i, cell in enumerate(first_row) if cell != "empty"), None)
+    if present is not None:
+        parts = row_one.split(", ")
+        flipped = parts[present].rsplit(" ", 1)[1] == "no"
+        parts[present] = f"{first_row[present]} {'yes' if flipped else 'no'}"
+        written = count + (1 if flipped else -1)
+        text = _replace_step(teacher, 0, f"Row 1: {', '.join(parts)}; {written}, total {written}.")
+        assert first_step(text) == (True, False, True, True)
         assert not task.check_steps(text, example)
     from r3v.tasks.clevr_synth import ClevrSynth
 
@@ -232,3 +255,52 @@ def test_the_binding_probe_asks_right_answers_and_sets_its_bar_at_the_commoner_o
     assert result["commoner_answer"] == round(answers.most_common(1)[0][1] / 40, 4)
     assert result["steps"] == 2 and 0.0 <= result["accuracy"] <= 1.0 and 0.0 <= result["said_yes"] <= 1.0
     assert sum(part["items"] for part in result["by_template"].values()) == 40
+
+
+def test_dev_runs_step_parts_count_each_kind_of_wrong_step_over_the_steps_written():
+    """benchmarks/dev_runs.py's shares per kind of step, over rationales with known faults: the
+    teacher's, one with a mark flipped (the count following it), one without marks."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "dev_runs.py"
+    spec = importlib.util.spec_from_file_location("dev_runs", path)
+    dev_runs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dev_runs)
+    task = GridCount()
+    examples = {ex.id: ex for ex in task.load("test", limit=30)}
+    rows, flipped_steps, unmarked_steps, unmarked_counts_wrong = [], 0, 0, 0
+    for example in examples.values():
+        teacher = task.teacher_rationale(example)
+        color, noun = QUESTION.fullmatch(example.question).groups()
+        cells = read_cells(example.images[0])
+        first_row = cells[:GRID]
+        rows.append({"example_id": example.id, "text": teacher})
+        present = [i for i, cell in enumerate(first_row) if cell != "empty"]
+        if present:  # the first object's mark flipped, the row's count and every total following it
+            count = sum(matches(cell, color, noun) for cell in first_row)
+            parts = marked(first_row, color, noun).split(", ")
+            was_yes = parts[present[0]].endswith(" yes")
+            parts[present[0]] = f"{first_row[present[0]]} {'no' if was_yes else 'yes'}"
+            new_count = count - 1 if was_yes else count + 1
+            steps = re.findall(r"Row \d+: [^;]+; \d+, total \d+\.", teacher)
+            totals = [int(t) for t in re.findall(r"total (\d+)\.", teacher)]
+            shifted = [f"Row 1: {', '.join(parts)}; {new_count}, total {new_count}."]
+            for step, total in zip(steps[1:], totals[1:], strict=True):
+                shifted.append(re.sub(r"total \d+\.", f"total {total + new_count - count}.", step))
+            rows.append({"example_id": example.id, "text": " ".join(shifted)})
+            flipped_steps += 1
+        # every object's mark dropped: each row holding an object is unmarked
+        unmarked = re.sub(r" (yes|no)\b", "", teacher)
+        rows.append({"example_id": example.id, "text": unmarked})
+        unmarked_steps += sum(any(cell != "empty" for cell in cells[r * GRID:(r + 1) * GRID]) for r in range(GRID))
+        # it writes no "yes", so its count is right only for a row holding nothing asked about
+        unmarked_counts_wrong += sum(any(matches(cell, color, noun) for cell in cells[r * GRID:(r + 1) * GRID])
+                                     for r in range(GRID))
+    written = 4 * len(rows)
+    shares = dev_runs.step_parts(rows, task, examples)
+    assert flipped_steps > 20
+    assert shares["test_steps_read"] == 1.0 and shares["test_steps_summed"] == 1.0
+    assert shares["test_steps_marked"] == round(1 - (flipped_steps + unmarked_steps) / written, 4)
+    assert shares["test_steps_counted"] == round(1 - unmarked_counts_wrong / written, 4) < 1.0
+    assert dev_runs.step_parts(rows, GridCount(seed=1), examples) != shares

@@ -324,8 +324,9 @@ BUILT_IN_SETTINGS = {"train_preset": "tiny", "sampling": {"max_new_tokens": 64}}
 BUILD_VERSION = "2"
 #: The built-in tasks' base models, shipped as package data (``r3v.models.loading.SHIPPED_MODELS``).
 SHIPPED_DESCRIPTIONS = {
-    "r3v-clevr-base": "the demo's base model: tiny-qwen2-vl warmed up on clevr-synth (shipped in r3v/assets)",
-    "r3v-grid-base": "grid-count's base model: a Qwen2-VL (4 x 128) that reads every row (shipped in r3v/assets)",
+    "r3v-clevr-base": "clevr-synth's base model: tiny-qwen2-vl warmed up on clevr-synth (shipped in r3v/assets)",
+    "r3v-grid-base": "the demo's base model: a Qwen2-VL (4 x 128) for grid-count that reads and marks every row "
+                     "(shipped in r3v/assets)",
 }
 
 

@@ -3,15 +3,22 @@
 Each image is a 4x4 grid of 28 px cells (112 px, one Qwen2-VL image token per cell) holding
 coloured squares and circles. A question asks how many objects of a colour, a shape, or both
 there are. The teacher's rationale walks the four rows, and each step is local: what the row holds
-(its four cells, read left to right), how many of those objects are asked about, and the running total so far::
+(its four cells, read left to right), each object marked "yes" if the question asks about it and
+"no" if not, how many "yes" the row has, and the running total so far (for "How many red objects
+are there?")::
 
-    Row 1: red circle, empty, blue square, empty; 1, total 1. Row 2: empty, empty, empty,
-    green square; 0, total 1. Row 3: red square, empty, green circle, red circle; 2, total 3.
-    Row 4: empty, yellow circle, red circle, empty; 1, total 4.
+    Row 1: red circle yes, empty, blue square no, empty; 1, total 1. Row 2: empty, empty, empty,
+    green square no; 0, total 1. Row 3: red square yes, empty, green circle no, red circle yes;
+    2, total 3. Row 4: empty, yellow circle no, red circle yes, empty; 1, total 4.
     Answer: 4
 
+The marks are why: a tiny model that reads every row still cannot relate a row's objects to the
+question in one step (its row counts are right about as often as always writing the commonest
+count), while marking one object at a time, then counting marks, is a step it learns
+(``benchmarks/README.md``, "grid-count").
+
 So every step can be learnt from right samples and checked against the scene (``check_steps``):
-a misread row, a miscounted row or a wrong sum leaves a visible trace, even when the final answer
+a misread row, a wrong mark, a miscounted row or a wrong sum leaves a visible trace, even when the final answer
 happens to be right. Everything derives from (split, index, seed), so the data is identical on
 every machine. Scenes are drawn as clevr-synth's are (its ``Scene`` and ``render``); answers are
 integers, extracted and scored as clevr-synth's (CLEVR-Math's rule). The shortcut probes work
@@ -40,10 +47,12 @@ SPLIT_OFFSET = {"train": 0, "test": 1_000_033, "pretrain": 2_000_029}
 TEMPLATES = ("colour", "shape", "colour-shape")
 
 _ANSWER_INT = re.compile(r"Answer:\s*(-?\d+)")
-#: One step of a rationale: "Row 2: red circle, empty, empty, blue square; 1, total 3."
+#: One step of a rationale: "Row 2: red circle yes, empty, empty, blue square no; 1, total 3."
 _STEP = re.compile(r"Row (\d+): ([a-z ,]+); (\d+), total (\d+)\.")
 #: What a step says an empty cell holds.
 EMPTY = "empty"
+#: What a step writes after an object the question asks about, and after one it does not.
+YES, NO = "yes", "no"
 _QUESTION = re.compile(
     rf"How many (?:({'|'.join(COLORS)}) )?(objects|{'|'.join(f'{s}s' for s in SHAPES)}) are there\?"
 )
@@ -54,6 +63,11 @@ def row_text(scene: Scene, row: int) -> str:
     "empty, red circle, empty, blue square"."""
     held = {cell: f"{color} {shape}" for cell, color, shape in scene.objects}
     return ", ".join(held.get(row * GRID + col, EMPTY) for col in range(GRID))
+
+
+def mark(asked: bool) -> str:
+    """The word a step writes after an object: ``YES`` if the question asks about it."""
+    return YES if asked else NO
 
 
 @dataclass(frozen=True)
@@ -74,6 +88,12 @@ class Query:
         noun = f"{self.shape}s" if self.shape else "objects"
         return f"How many {self.color + ' ' if self.color else ''}{noun} are there?"
 
+    def marked_row(self, scene: Scene, row: int) -> str:
+        """What a row (0-based) holds, each object marked for this query, as the rationales say it:
+        "empty, red circle yes, empty, blue square no"."""
+        held = {cell: f"{color} {shape} {mark(self.matches(color, shape))}" for cell, color, shape in scene.objects}
+        return ", ".join(held.get(row * GRID + col, EMPTY) for col in range(GRID))
+
     def row_counts(self, scene: Scene) -> list[int]:
         """How many matching objects each row holds, top to bottom."""
         counts = [0] * GRID
@@ -87,7 +107,7 @@ class Query:
         total, steps = 0, []
         for row, count in enumerate(self.row_counts(scene)):
             total += count
-            steps.append(f"Row {row + 1}: {row_text(scene, row)}; {count}, total {total}.")
+            steps.append(f"Row {row + 1}: {self.marked_row(scene, row)}; {count}, total {total}.")
         return total, " ".join(steps)
 
     @classmethod
@@ -105,9 +125,12 @@ class StepOutcome:
     """One written step judged on its own, so a diagnosis can say which kind of step fails."""
 
     row: int
-    #: The row's cells, left to right, are the scene's.
+    #: The row's cells, left to right, are the scene's (marks aside).
     read: bool
-    #: The count is right for the cells the step itself wrote (right or misread).
+    #: Every object written carries a mark, and it is right for the object the step itself wrote
+    #: (right or misread): "yes" exactly when the question asks about it.
+    marked: bool
+    #: The count is the number of "yes" marks the step wrote.
     counted: bool
     #: The total is the previous step's total (0 before the first) plus this step's count.
     summed: bool
@@ -200,11 +223,13 @@ class GridCount(SeededTask):
         outcomes, previous_total, right_counts = [], 0, query.row_counts(scene)
         for row, held, count, total in parse_steps(text):
             cells = [cell.split() for cell in held.split(", ")]
-            own_count = sum(len(cell) == 2 and cell[0] in COLORS and cell[1] in SHAPES and query.matches(*cell) for cell in cells)
+            objects = [cell for cell in cells if cell != [EMPTY]]
             outcomes.append(StepOutcome(
                 row=row,
-                read=1 <= row <= GRID and held == row_text(scene, row - 1),
-                counted=count == own_count,
+                read=1 <= row <= GRID and ", ".join(" ".join(cell[:2]) for cell in cells) == row_text(scene, row - 1),
+                marked=all(len(cell) == 3 and cell[0] in COLORS and cell[1] in SHAPES
+                           and cell[2] == mark(query.matches(cell[0], cell[1])) for cell in objects),
+                counted=count == sum(cell[-1] == YES for cell in objects),
                 summed=total == previous_total + count,
                 right_count=right_counts[row - 1] if 1 <= row <= GRID else None,
             ))
@@ -213,15 +238,15 @@ class GridCount(SeededTask):
 
     def check_steps(self, text: str, example: Example) -> bool:
         """Whether every step of a rationale holds in the example's scene: it walks rows 1 to 4 in
-        order, each row's objects are the scene's (left to right), its count of the objects asked
-        about is right, each running total is the true one, and an answer line, if any, gives the
+        order, each row's objects are the scene's (left to right), each object's mark says rightly
+        whether the question asks about it, each count is the row's number of "yes", each running total is the true one, and an answer line, if any, gives the
         last total. A rationale with no step (or about a scene this task
         did not make) is not accepted: a right answer alone proves nothing about the reasoning."""
         outcomes = self.step_outcomes(text, example)
         if outcomes is None or [step.row for step in outcomes] != list(range(1, GRID + 1)):
             return False
-        # rows 1 to 4 each read, counted and added right make every count and total the true one
-        if not all(step.read and step.counted and step.summed for step in outcomes):
+        # rows 1 to 4 each read, marked, counted and added right make every count and total the true one
+        if not all(step.read and step.marked and step.counted and step.summed for step in outcomes):
             return False
         answer = _ANSWER_INT.search(text)
         return answer is None or int(answer.group(1)) == parse_steps(text)[-1][3]
