@@ -15,7 +15,8 @@ grid-count's ``pretrain`` split (disjoint from train and test), in three stages:
    "red circle yes, empty, blue square no, empty; 1"). Relating each object to the question is
    the skill a 4x128 model does not pick up from rationales alone (its counts stayed at the rate
    of always writing the commonest one); it learns it from many such rows, and only with long
-   training (2 epochs: never a "yes"; 8 epochs: 91.5% of held-out rows exact);
+   training (in earlier tries 2 epochs never wrote a "yes"; after these 8, 200 of 200 rows of
+   unseen train scenes come out exact);
 3. **reasoning**: a refresher of descriptions and marking rows, direct-answer QA (as R3V's QA
    data) and a distilled set of the programmatic teacher's rationales, so that it answers in the
    rationales' form, over the image.
