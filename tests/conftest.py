@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 SHARED_FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 PROJECT_FIXTURES = Path(__file__).resolve().parent / "fixtures"
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -67,3 +70,16 @@ def shared_fixtures() -> Path:
     if not SHARED_FIXTURES.exists():
         pytest.skip("../shared/fixtures is not present")
     return SHARED_FIXTURES
+
+
+@pytest.fixture
+def load_module():
+    """Imports a file outside the package (a ``benchmarks/`` or ``scripts/`` script, an exported
+    hooks file) by its path, relative to the repository unless absolute."""
+    def load(path: str | Path, name: str | None = None) -> ModuleType:
+        path = REPO / path
+        spec = importlib.util.spec_from_file_location(name or path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    return load

@@ -6,7 +6,6 @@ Every test here stops before a model would load, or needs none (score, export), 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -130,14 +129,7 @@ def test_score_task_arg_and_skip_bad_together(tmp_path):
     assert "malformed JSON" in result.stderr
 
 
-def _load_utils(folder: Path, name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_utils_under_test", folder / f"{name}_utils.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_export_carries_task_args_and_skips_bad_records(tmp_path):
+def test_export_carries_task_args_and_skips_bad_records(tmp_path, load_module):
     data = tmp_path / "chartqa"
     shutil.copytree(FIXTURES / "chartqa", data)
     records = json.loads((data / "test" / "test_human.json").read_text())
@@ -152,7 +144,7 @@ def test_export_carries_task_args_and_skips_bad_records(tmp_path):
     assert "skipped 1 bad record" in result.stderr and "missing.png" in result.stderr
     docs = [json.loads(line) for line in (out / "r3v_chartqa.jsonl").read_text().splitlines()]
     assert len(docs) == len(records) - 1
-    hooks = _load_utils(out, "r3v_chartqa")
+    hooks = load_module(out / "r3v_chartqa_utils.py", "r3v_chartqa_utils_under_test")
     assert hooks.TASK_ARGS == {"relaxed": "true"}
     doc = next(d for d in docs if d["answer"] == "0.57")
     assert hooks.process_results(doc, ["Answer: 57%"]) == {"accuracy": 1.0}  # relaxed: a percentage

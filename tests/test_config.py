@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -20,8 +21,10 @@ from r3v.config import (
     parse_override,
     to_mapping,
 )
+from r3v.demo.grid_base import SETTINGS as GRID_BASE_SETTINGS
 from r3v.loop import resolve_config, run_settings
-from r3v.models.presets import named_preset
+from r3v.models.loading import resolve_model
+from r3v.models.presets import MODEL_SETTINGS_FILE, named_preset
 from r3v.records import Sampling
 
 
@@ -30,9 +33,12 @@ def test_the_demo_config_is_what_r3v_train_runs_with_no_options():
     demo = resolve_config()
     assert (demo.model, demo.task.name, demo.iterations, demo.sampling.n) == ("r3v-grid-base", "grid-count", 3, 3)
     # the built-in model's folder recommends its own limit, preset and (chosen on the dev datasets)
-    # rate schedule (r3v/assets/r3v-grid-base/r3v.json)
+    # rate schedule and self-select sets (r3v/assets/r3v-grid-base/r3v.json)
     assert (demo.sampling.max_new_tokens, demo.train_preset, demo.train) == (160, "tiny", {"lr_scheduler": "cosine"})
-    assert (demo.build.select_sizes, demo.build.select_sizes_per_question) == ((3,), 0)
+    assert (demo.build.select_sizes, demo.build.select_sizes_per_question) == ((2, 3, 4, 5, 6), 1)
+    # the shipped folder says what a rebuild would write
+    shipped = Path(resolve_model("r3v-grid-base")) / MODEL_SETTINGS_FILE
+    assert json.loads(shipped.read_text()) == GRID_BASE_SETTINGS
     assert demo.train_config(named_preset(demo.train_preset)).lr_scheduler == "cosine"
     # clevr-synth's base recommends its own self-select sets, also chosen on dev datasets
     clevr = resolve_config({"model": "r3v-clevr-base", "task": {"name": "clevr-synth"}})

@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -353,15 +352,8 @@ def test_numbers_in_results_tables_are_in_their_files(doc):
 
 # -- generated and mirrored text --------------------------------------------------------------------
 
-def _cli_reference():
-    spec = importlib.util.spec_from_file_location("cli_reference", ROOT / "scripts" / "cli_reference.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_cli_reference_is_up_to_date():
-    reference = _cli_reference()
+def test_cli_reference_is_up_to_date(load_module):
+    reference = load_module("scripts/cli_reference.py")
     assert reference.current() == reference.render(), (
         "docs/cli.md's command reference differs from the real --help: run python scripts/cli_reference.py")
 

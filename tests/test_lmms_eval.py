@@ -51,13 +51,6 @@ def _load_yaml(path: Path) -> dict:
     return yaml.load(path.read_text(), Loader=Loader)
 
 
-def _utils_module(folder: Path, name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_utils", folder / f"{name}_utils.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _docs(folder: Path, name: str) -> list[dict]:
     import datasets
 
@@ -66,7 +59,7 @@ def _docs(folder: Path, name: str) -> list[dict]:
     return list(datasets.load_dataset(config["dataset_path"], data_files=files, split=config["test_split"]))
 
 
-def test_export_writes_a_task_lmms_eval_can_read(exported, clevr_task):
+def test_export_writes_a_task_lmms_eval_can_read(exported, clevr_task, load_module):
     name = lmms_task_name("clevr-synth")
     assert name == "r3v_clevr_synth"
     config = _load_yaml(exported / f"{name}.yaml")
@@ -80,7 +73,7 @@ def test_export_writes_a_task_lmms_eval_can_read(exported, clevr_task):
     examples = clevr_task.load("test", limit=LIMIT)
     assert [d["id"] for d in docs] == [ex.id for ex in examples]
     assert [d["answer"] for d in docs] == [str(ex.answer) for ex in examples]
-    hooks = _utils_module(exported, name)
+    hooks = load_module(exported / f"{name}_utils.py")
     for doc, example in zip(docs, examples, strict=True):
         (image,) = hooks.doc_to_visual(doc)
         assert (exported / doc["images"][0]).suffix == ".png"
@@ -90,9 +83,9 @@ def test_export_writes_a_task_lmms_eval_can_read(exported, clevr_task):
         assert hooks.doc_to_target(doc) == str(example.answer)
 
 
-def test_process_results_is_the_tasks_own_scoring(exported, clevr_task):
+def test_process_results_is_the_tasks_own_scoring(exported, clevr_task, load_module):
     name = lmms_task_name("clevr-synth")
-    hooks = _utils_module(exported, name)
+    hooks = load_module(exported / f"{name}_utils.py")
     for doc, example in zip(_docs(exported, name), clevr_task.load("test", limit=LIMIT), strict=True):
         right = clevr_task.teacher_rationale(example)
         wrong = f"There are 99 objects.\nAnswer: {int(example.answer) + 1}"

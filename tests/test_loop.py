@@ -233,14 +233,9 @@ def test_warmup_only_run_with_an_r3v_warmup_file(shared_fixtures, tmp_path):
     assert json.loads((out / "run.json").read_text())["settings"]["warmup_file"]["name"] == "gpt_cot.json"
 
 
-def test_dev_runs_script_records_a_finished_run(finished_run):
+def test_dev_runs_script_records_a_finished_run(finished_run, load_module):
     """benchmarks/dev_runs.py quotes what the loop wrote, not numbers of its own."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "dev_runs.py"
-    spec = importlib.util.spec_from_file_location("dev_runs", path)
-    dev_runs = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(dev_runs)
+    dev_runs = load_module("benchmarks/dev_runs.py")
     out, _ = finished_run
     run = dev_runs.read_run(out)
     rows = read_jsonl(out / "metrics.jsonl")

@@ -229,16 +229,10 @@ def test_probes_get_their_gold_from_the_edited_or_swapped_image():
     assert edited_any >= 25
 
 
-def test_the_binding_probe_asks_right_answers_and_sets_its_bar_at_the_commoner_one(tmp_path):
+def test_the_binding_probe_asks_right_answers_and_sets_its_bar_at_the_commoner_one(tmp_path, load_module):
     """benchmarks/grid_binding.py: each item's answer is what the question's own wording says about
     the object (read here with this file's pattern), and a probe's bar is the commoner answer."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "grid_binding.py"
-    spec = importlib.util.spec_from_file_location("grid_binding", path)
-    grid_binding = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(grid_binding)
+    grid_binding = load_module("benchmarks/grid_binding.py")
     items = grid_binding.binding_items(300, seed=5)
     assert items == grid_binding.binding_items(300, seed=5) != grid_binding.binding_items(300, seed=6)
     for template, prompt, answer in items:
@@ -257,16 +251,10 @@ def test_the_binding_probe_asks_right_answers_and_sets_its_bar_at_the_commoner_o
     assert sum(part["items"] for part in result["by_template"].values()) == 40
 
 
-def test_dev_runs_step_parts_count_each_kind_of_wrong_step_over_the_steps_written():
+def test_dev_runs_step_parts_count_each_kind_of_wrong_step_over_the_steps_written(load_module):
     """benchmarks/dev_runs.py's shares per kind of step, over rationales with known faults: the
     teacher's, one with a mark flipped (the count following it), one without marks."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "dev_runs.py"
-    spec = importlib.util.spec_from_file_location("dev_runs", path)
-    dev_runs = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(dev_runs)
+    dev_runs = load_module("benchmarks/dev_runs.py")
     task = GridCount()
     examples = {ex.id: ex for ex in task.load("test", limit=30)}
     rows, flipped_steps, unmarked_steps, unmarked_counts_wrong = [], 0, 0, 0

@@ -120,7 +120,7 @@ FLAG_KEYS = (
               help="Self-select target: the answer line (default), the bare value, or the chosen solution (paper figure).")
 @click.option("--select-sizes", default=None,
               help="Candidates per self-select item, e.g. 3 (R3V) or 2,3,4,5,6 (for test-time scaling) [default: "
-                   "what the model folder's r3v.json recommends (r3v-clevr-base: 2,3,4,5,6, one drawn per question), else 3].")
+                   "what the model folder's r3v.json recommends (the built-in bases: 2,3,4,5,6, one drawn per question), else 3].")
 @click.option("--check-equations/--no-check-equations", default=None,
               help="Use a right-answer sample as a positive only if every `a + b = c` step in it holds [default: off].")
 @click.option("--check-steps/--no-check-steps", default=None,
