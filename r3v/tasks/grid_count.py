@@ -19,10 +19,11 @@ count), while marking one object at a time, then counting marks, is a step it le
 
 So every step can be learnt from right samples and checked against the scene (``check_steps``):
 a misread row, a wrong mark, a miscounted row or a wrong sum leaves a visible trace, even when
-the final answer happens to be right. Everything derives from (split, index, seed), so the data is identical on
-every machine. Scenes are drawn as clevr-synth's are (its ``Scene`` and ``render``); answers are
-integers, extracted and scored as clevr-synth's (CLEVR-Math's rule). The shortcut probes work
-here too: ``gold_for_image`` and ``counterfactual`` (one object added or removed).
+the final answer happens to be right. Everything derives from (split, index, seed), so the data
+is identical on every machine. Scenes are drawn as clevr-synth's are (its ``Scene`` and
+``render``); answers are integers, extracted and scored as clevr-synth's (CLEVR-Math's rule).
+The shortcut probes work here too: ``gold_for_image`` and ``counterfactual`` (one object added
+or removed).
 """
 
 from __future__ import annotations
